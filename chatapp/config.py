@@ -1,0 +1,182 @@
+"""Settings: one plain dataclass tree, read from an optional TOML file and overridden by command-line flags.
+
+Every part of the product takes the piece of `Settings` it needs; nothing reads the environment on its own
+except through `Settings.load`, so a test can build any configuration in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelSettings:
+    name: str = "smollm2"  # a profile name ("smollm2", "qwen-coder-0.5b"), a HF model directory or a .gguf file
+    adapter: str | None = None  # a PEFT adapter directory; None = the registry's active adapter, "none" = base only
+    backend: Literal["transformers", "llamacpp", "openai", "auto"] = "auto"
+    threads: int = 0  # 0 = all cores
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
+    openai_base_url: str = "http://127.0.0.1:8080/v1"
+    openai_model: str = "default"
+    openai_api_key: str = ""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.3
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_input_chars: int = 4000  # longer user messages are truncated with a visible notice
+
+
+@dataclass
+class RetrievalSettings:
+    knowledge_dir: Path = REPO_ROOT / "knowledge"
+    embedder: Literal["minilm", "e5"] = "minilm"
+    top_k: int = 4
+    chunk_chars: int = 1200
+    history_turns: int = 3  # how many recent user turns shape the search query
+    approximate_above: int = 50_000  # chunks; above this an HNSW index replaces exact search
+    handoff_below: float = 0.0  # fused-confidence threshold under which the bot offers a human (tuned by eval)
+    curated_above: float = 1.0  # FAQ match score above which its curated answer is returned as-is (1.0 = never)
+
+
+@dataclass
+class PromptSettings:
+    prompts_dir: Path = REPO_ROOT / "prompts"
+    template: str = "support"  # active template name
+    mode: Literal["zero_shot", "few_shot", "auto"] = "auto"  # auto = the template decides (its own `mode`)
+    corrections_bank: str = "support"  # example bank for corrections when the template has no few-shot bank
+
+
+@dataclass
+class TuningSettings:
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    batch_size: int = 4
+    grad_accum: int = 2
+    max_seq_len: int = 384
+    replay_ratio: float = 0.5
+    seed_examples: int = 400
+    gate_margin: float = 0.02
+
+
+@dataclass
+class UISettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    allow_public: bool = False
+    auth: list[tuple[str, str]] = field(default_factory=list)
+    admins: list[str] = field(default_factory=list)  # with auth on, only these users edit prompts / promote adapters
+    bot_name: str = "Ava"
+    company: str = "Acme Outfitters"
+
+
+@dataclass
+class FeedbackSettings:
+    # Extra personal-data patterns redacted on export, by kind. A pattern with one group redacts only that group.
+    redact_patterns: dict[str, str] = field(
+        default_factory=lambda: {
+            "order_id": r"(?i)\border\s*(?:id|number|no\.?|#)?\s*[:#]?\s*([A-Z]*-?\d[A-Z0-9-]{3,})\b",
+        }
+    )
+    phone_regions: tuple[str, ...] = ("US", "GB")  # where numbers without a +country code are read from
+    busy_timeout_s: float = 5.0  # how long a write waits for another process's lock before spilling to a file
+    retry_every_s: float = 10.0  # how often spilled feedback is retried while the database is unavailable
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CHATAPP_DATA_DIR", REPO_ROOT / "var")))
+    model: ModelSettings = field(default_factory=ModelSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    prompts: PromptSettings = field(default_factory=PromptSettings)
+    tuning: TuningSettings = field(default_factory=TuningSettings)
+    ui: UISettings = field(default_factory=UISettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+
+    # Where each kind of runtime state lives; all under data_dir, never in the source tree.
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def feedback_db(self) -> Path:
+        return self.data_dir / "feedback.sqlite3"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def prompt_versions_dir(self) -> Path:
+        return self.data_dir / "prompt_versions"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then the TOML file (``[model]``, ``[retrieval]``... sections), then dotted overrides."""
+        settings = cls()
+        if path is None and (default := Path(os.environ.get("CHATAPP_CONFIG", "chatapp.toml"))).is_file():
+            path = default
+        if path is not None:
+            with open(path, "rb") as f:
+                _apply(settings, tomllib.load(f), str(path))
+        for dotted, value in overrides.items():
+            if value is not None:
+                _set_dotted(settings, dotted, value)
+        settings.data_dir = Path(settings.data_dir).expanduser()
+        return settings
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: [{key}] must be a table")
+            _apply(current, value, f"{where}[{key}]")
+        else:
+            setattr(obj, key, _coerce(current, value))
+
+
+def _set_dotted(settings: "Settings", dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    obj: Any = settings
+    for part in parents:
+        obj = getattr(obj, part)
+    if not hasattr(obj, leaf):
+        raise ValueError(f"unknown setting {dotted!r}")
+    setattr(obj, leaf, _coerce(getattr(obj, leaf), value))
+
+
+def _coerce(current: Any, value: Any) -> Any:
+    if isinstance(current, Path):
+        return Path(value).expanduser()
+    if isinstance(current, tuple):
+        return tuple(value)
+    if isinstance(current, bool) or current is None:
+        return value
+    if isinstance(current, (int, float)) and not isinstance(value, str):
+        return type(current)(value)
+    return value
