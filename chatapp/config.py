@@ -43,9 +43,17 @@ class RetrievalSettings:
     top_k: int = 4
     chunk_chars: int = 1200
     history_turns: int = 3  # how many recent user turns shape the search query
-    approximate_above: int = 50_000  # chunks; above this an HNSW index replaces exact search
-    handoff_below: float = 0.0  # fused-confidence threshold under which the bot offers a human (tuned by eval)
-    curated_above: float = 1.0  # FAQ match score above which its curated answer is returned as-is (1.0 = never)
+    approximate_above: int = 50_000  # vectors; above this an HNSW index replaces exact search
+    # Handoff when the question's cosine to the closest FAQ question is below handoff_below (to the closest article
+    # chunk: handoff_below_doc). None = the value calibrated for the embedder by `chatapp eval retrieval`.
+    handoff_below: float | None = None
+    handoff_below_doc: float | None = None
+    curated_above: float = 1.0  # FAQ question cosine above which its curated answer is returned as-is (1.0 = never)
+    bm25_weight: float = 0.25  # BM25's weight against dense (1.0) in reciprocal rank fusion
+    rrf_k: int = 10  # RRF constant: score = weight / (rrf_k + rank)
+    candidates: int = 100  # dense / BM25 top-N gathered before fusion when no entity narrows the search
+    max_file_mb: float = 20.0  # larger knowledge files are skipped with a warning
+    embed_threads: int = 0  # embedder CPU threads (0 = library default)
 
 
 @dataclass
@@ -67,10 +75,31 @@ class TuningSettings:
     max_steps: int = 0  # 0 = epochs decide
     batch_size: int = 4
     grad_accum: int = 2
-    max_seq_len: int = 384
-    replay_ratio: float = 0.5
+    max_seq_len: int = 320  # longer examples are re-rendered with less history/context, else dropped
+    replay_ratio: float = 0.5  # share of a re-tune's examples drawn from earlier training data
     seed_examples: int = 400
     gate_margin: float = 0.02
+    # --- added by the tuning module (chatapp/tuning.py documents each)
+    lora_layers: int = 0  # LoRA only on the last N decoder layers (0 = all): backward stops below them, faster
+    max_examples: int = 500  # cap on one run's training set (500 fits the 10-minute budget on 2 cores)
+    warmup_steps: int = 5
+    val_fraction: float = 0.1  # conversations (not examples) held out for validation, chosen by hash
+    val_max: int = 24
+    eval_every: int = 10  # optimizer steps between validation-loss checks (and checkpoints)
+    patience: int = 3  # evaluations without improvement before early stopping
+    warm_start: bool = True  # continue from the active adapter when compatible (replay keeps it from forgetting)
+    use_retriever: bool = True  # add live retrieval hits to training examples, as at inference
+    threads: int = 0  # 0 = model.threads
+    nice: int = 10  # background/periodic re-tunes run at this niceness
+    seed: int = 0
+    golden_file: Path | None = None  # None = chatapp/seed_data/golden.jsonl (held-out DSTC11 dev turns)
+    golden_size: int = 16
+    replay_gate_size: int = 16
+    gate_max_new_tokens: int = 60
+    gate_batch_size: int = 8
+    gate_behaviour_margin: float = 0.1  # allowed drop in stop rate / rise in degenerate answers
+    max_new_refusals: float = 0.1  # share of golden items the reference answered and the candidate may refuse
+    keep_runs: int = 3  # finished run folders kept under data_dir/tuning/runs
 
 
 @dataclass

@@ -567,7 +567,6 @@ class PromptManager:
         self.prompts_dir = Path(settings.prompts.prompts_dir)
         self.versions_dir = Path(settings.prompt_versions_dir)
         self.banks_dir = Path(settings.data_dir) / "prompt_banks"
-        self._embedder_arg = embedder
         self._embedder: CachedEmbeddings | None = CachedEmbeddings(embedder) if embedder is not None else None
         self._embedder_tried = embedder is not None
         self._lock = threading.RLock()
@@ -702,7 +701,7 @@ class PromptManager:
         return self._compiled(name, version)[0]
 
     def _compiled(self, name: str | None, version: int | None = None):
-        name = check_name(name or self.active_name)
+        name = check_name(self.active_name if name is None else name)
         version = version or self.latest_version(name)
         text = self.text(name, version)
         key = (name, version)
@@ -715,15 +714,7 @@ class PromptManager:
         if template is None:
             raise PromptError(f"template {name!r} version {version} cannot be used", problems)
         template.version = version
-        chat = ChatPromptTemplate.from_messages(
-            [("system", template.system), MessagesPlaceholder("examples", optional=True),
-             MessagesPlaceholder("history_messages", optional=True), ("human", template.user)],
-            template_format="f-string",
-        )
-        example_user = template.few_shot.example_user if template.few_shot else None
-        example = ChatPromptTemplate.from_messages(
-            [("human", example_user or template.user), ("ai", "{answer}")], template_format="f-string"
-        )
+        chat, example = _compile(template)
         with self._lock:
             self._templates[key] = (signature, template, chat, example)
         return template, chat, example
@@ -797,17 +788,18 @@ class PromptManager:
         return self.bank_text(bank)[1]
 
     def add_example(self, question: str, answer: str, *, context: str = "", source: str = "feedback",
-                    template: str | None = None) -> str:
-        """Append a human-approved example (a correction) to the template's bank; used from the next render,
-        and looked up by find_curated. Returns the example id."""
+                    template: str | None = None, bank: str | None = None) -> str:
+        """Append a human-approved example (a correction) to the template's bank (or `bank`); used from the next
+        render, and looked up by find_curated. Returns the example id."""
         question, answer = (question or "").strip(), (answer or "").strip()
         if not question or not answer:
             raise PromptError("an example needs a non-empty question and answer")
-        try:
-            few_shot = self.load(template).few_shot
-        except PromptError:  # unknown or broken template: the corrections still go somewhere useful
-            few_shot = None
-        bank = few_shot.bank if few_shot else self.settings.prompts.corrections_bank
+        if bank is None:
+            try:
+                few_shot = self.load(template).few_shot
+            except PromptError:  # unknown or broken template: the correction still goes somewhere useful
+                few_shot = None
+            bank = few_shot.bank if few_shot else self.settings.prompts.corrections_bank
         check_name(bank, "bank")
         example_id = f"{re.sub(r'[^A-Za-z0-9_-]', '', source)[:20] or 'ex'}-{uuid.uuid4().hex[:10]}"
         row = {"id": example_id, "question": question[:2000], "context": (context or "")[:2000],
@@ -878,7 +870,21 @@ class PromptManager:
                variables: dict | None = None) -> Rendered:
         """Chat messages for the model: system, few-shot pairs, recent history, then context + question.
         mode "auto" defers to the template's own mode (which may itself be auto); the other two force it."""
-        template, chat, example_prompt = self._compiled(name)
+        return self._render(*self._compiled(name), question=question, history=history, hits=hits, mode=mode,
+                            variables=variables)
+
+    def preview(self, text: str, *, question: str, history: list[dict], hits: list, mode: str = "auto",
+                variables: dict | None = None, name: str | None = None) -> Rendered:
+        """Render unsaved template text (the editor's live preview); raises PromptError listing its problems."""
+        template, problems = parse_template(text, name, self.bank_exists)
+        if template is None:
+            raise PromptError("the template has errors", [p for p in problems if p.severity == "error"])
+        template.name = template.name or name or "(unsaved)"
+        return self._render(template, *_compile(template), question=question, history=history, hits=hits,
+                            mode=mode, variables=variables)
+
+    def _render(self, template: Template, chat: ChatPromptTemplate, example_prompt: ChatPromptTemplate, *,
+                question: str, history: list[dict], hits: list, mode: str, variables: dict | None) -> Rendered:
         common = {"bot_name": self.settings.ui.bot_name, "company": self.settings.ui.company,
                   "date": dt.date.today().isoformat(), **template.variables}
         for key, value in (variables or {}).items():
@@ -902,7 +908,7 @@ class PromptManager:
             **{k: v for k, v in values.items() if k in chat.input_variables},
         )
         return Rendered(
-            messages=[{"role": ROLE_OF.get(m.type, m.type), "content": m.content} for m in messages],
+            messages=[{"role": ROLE_OF.get(m.type, m.type), "content": m.content.strip()} for m in messages],
             template=template.name or self.active_name, version=template.version, mode=used_mode,
             examples=[{k: v for k, v in e.items()} for e in chosen], generation=dict(template.generation),
         )
@@ -917,14 +923,23 @@ class PromptManager:
     def format_context(template: Template, hits: list) -> str:
         """Retrieved hits as short items, within the template's character budget (the default model's context
         is small; the first hits are the best, so they get the room)."""
-        budget, items = template.context_max_chars, []
-        for n, hit in enumerate(hits or [], 1):
+        budget, items, seen = template.context_max_chars, [], set()
+        for hit in hits or []:
+            key = getattr(hit, "chunk_id", None) or id(hit)
+            if key in seen:  # the same passage twice would only spend the small context budget
+                continue
+            seen.add(key)
+            n = len(items) + 1
             text = str(getattr(hit, "text", "") or "")
             answer = str(getattr(hit, "answer", "") or "")
             if answer and answer not in text:
                 text = f"{text} {answer}".strip()
             entity = str(getattr(hit, "entity", "") or "")
-            title = str(getattr(hit, "title", "") or entity or getattr(hit, "source", "") or "")
+            entity = entity.title() if entity.isupper() else entity  # DSTC-style "ALLENBELL" -> "Allenbell"
+            title = str(getattr(hit, "title", "") or "")
+            if answer or getattr(hit, "kind", "") == "faq" or title.strip() == text.strip():
+                title = entity or "FAQ"  # an FAQ's title is its question, already in `text`
+            title = title or entity or str(getattr(hit, "source", "") or "")
             fields = {"n": n, "title": title, "text": "", "source": str(getattr(hit, "source", "") or ""),
                       "entity": entity, "score": f"{float(getattr(hit, 'score', 0.0) or 0.0):.2f}"}
             frame = len(template.context_item.format(**fields)) + 1
@@ -951,6 +966,20 @@ class PromptManager:
         return kept[::-1]
 
 
+def _compile(template: Template) -> tuple[ChatPromptTemplate, ChatPromptTemplate]:
+    """The langchain-core prompts for a template: the whole chat, and one few-shot example (user -> answer)."""
+    chat = ChatPromptTemplate.from_messages(
+        [("system", template.system), MessagesPlaceholder("examples", optional=True),
+         MessagesPlaceholder("history_messages", optional=True), ("human", template.user)],
+        template_format="f-string",
+    )
+    example_user = template.few_shot.example_user if template.few_shot else None
+    example = ChatPromptTemplate.from_messages(
+        [("human", example_user or template.user), ("ai", "{answer}")], template_format="f-string"
+    )
+    return chat, example
+
+
 def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
@@ -964,7 +993,7 @@ def _normalise(text: str) -> str:
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `prompts` and its subcommands; each sets `func(args) -> int`."""
+    """Register `prompts` and its subcommands; each sets `func(settings, args) -> int` (chatapp.cli dispatches)."""
     parser = subparsers.add_parser("prompts", help="list, show, validate, render and version prompt templates")
     sub = parser.add_subparsers(dest="prompts_command", required=True, metavar="COMMAND")
     sub.add_parser("list", help="template names, versions, the active one").set_defaults(func=cmd_list)
@@ -1005,16 +1034,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     return parser
 
 
-def _manager(args: argparse.Namespace) -> PromptManager:
-    settings = getattr(args, "settings", None) or Settings.load(getattr(args, "config", None))
-    return PromptManager(settings)
-
-
 def _guard(func):
-    """Bad input gets a one-line message and exit code 2, never a traceback."""
-    def run(args: argparse.Namespace) -> int:
+    """Handlers get a PromptManager; bad input gets a one-line message and exit code 2, never a traceback."""
+    def run(settings: Settings, args: argparse.Namespace) -> int:
         try:
-            return func(args) or 0
+            return func(PromptManager(settings), args) or 0
         except (PromptError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -1023,8 +1047,7 @@ def _guard(func):
 
 
 @_guard
-def cmd_list(args) -> int:
-    prompts = _manager(args)
+def cmd_list(prompts: PromptManager, args) -> int:
     active = prompts.active_name
     for name in prompts.names():
         try:
@@ -1036,13 +1059,12 @@ def cmd_list(args) -> int:
 
 
 @_guard
-def cmd_show(args) -> int:
-    print(_manager(args).text(args.name, args.version), end="")
+def cmd_show(prompts: PromptManager, args) -> int:
+    print(prompts.text(args.name, args.version), end="")
 
 
 @_guard
-def cmd_validate(args) -> int:
-    prompts = _manager(args)
+def cmd_validate(prompts: PromptManager, args) -> int:
     path = Path(args.target)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         text, name = path.read_text(encoding="utf-8"), None
@@ -1058,14 +1080,13 @@ def cmd_validate(args) -> int:
 
 
 @_guard
-def cmd_render(args) -> int:
-    prompts = _manager(args)
+def cmd_render(prompts: PromptManager, args) -> int:
     hits: list = []
     if not args.no_retrieval:
         try:
-            from chatapp.retrieval import load_retriever
+            from chatapp.retrieval import Retriever
 
-            hits = load_retriever(prompts.settings).search(args.question).hits
+            hits = Retriever.open(prompts.settings).search(args.question, []).hits
         except Exception as exc:  # rendering is still useful without an index
             print(f"(no retrieved context: {exc})", file=sys.stderr)
     rendered = prompts.render(args.name, question=args.question, history=[], hits=hits, mode=args.mode)
@@ -1076,30 +1097,30 @@ def cmd_render(args) -> int:
 
 
 @_guard
-def cmd_history(args) -> int:
-    for entry in _manager(args).history(args.name):
+def cmd_history(prompts: PromptManager, args) -> int:
+    for entry in prompts.history(args.name):
         print(f"v{entry['version']:<4d} {entry['time']:25s} {entry['message']}")
 
 
 @_guard
-def cmd_diff(args) -> int:
-    print(_manager(args).diff(args.name, args.a, args.b) or "(no differences)", end="")
+def cmd_diff(prompts: PromptManager, args) -> int:
+    print(prompts.diff(args.name, args.a, args.b) or "(no differences)", end="")
 
 
 @_guard
-def cmd_save(args) -> int:
-    version = _manager(args).save(args.name, args.file.read_text(encoding="utf-8"), args.message, args.base_version)
+def cmd_save(prompts: PromptManager, args) -> int:
+    version = prompts.save(args.name, args.file.read_text(encoding="utf-8"), args.message, args.base_version)
     print(f"{args.name}: version {version}")
 
 
 @_guard
-def cmd_revert(args) -> int:
-    print(f"{args.name}: version {_manager(args).revert(args.name, args.version)}")
+def cmd_revert(prompts: PromptManager, args) -> int:
+    print(f"{args.name}: version {prompts.revert(args.name, args.version)}")
 
 
 @_guard
-def cmd_activate(args) -> int:
-    _manager(args).activate(args.name)
+def cmd_activate(prompts: PromptManager, args) -> int:
+    prompts.activate(args.name)
     print(f"active template: {args.name}")
 
 
@@ -1111,8 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatapp.prompts [--config FILE]")
     add_arguments(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["prompts", *rest])
-    args.config = known.config
-    return args.func(args)
+    return args.func(Settings.load(known.config), args)
 
 
 if __name__ == "__main__":

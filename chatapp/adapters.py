@@ -1,0 +1,376 @@
+"""Adapter registry: one folder per LoRA version under `settings.adapters_dir`, and a registry file naming the active one.
+
+    chatapp adapters list | show VERSION | promote VERSION | rollback
+
+Why it is shaped like this:
+- A version folder is immutable once it exists: PEFT files (adapter_config.json, adapter_model.safetensors),
+  metadata.json (base model and its hash, data hash, template versions, hyperparameters, metrics, time), the gate
+  report, the training log and loss curve, and the training records (the replay pool of the next re-tune). It is
+  assembled in a temporary folder and renamed into place, so a killed writer never leaves half a version behind.
+- `registry.json` holds the active version and the stack of earlier active ones (what rollback returns to). It is
+  replaced atomically (write, fsync, rename) under a file lock, so readers always see the old or the new file and
+  two admins promoting at once cannot lose an update.
+- `active()` is called before every answer: it re-reads the file only when its mtime/size changed.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from chatapp.config import Settings
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.json"
+LOCK_FILE = ".registry.lock"
+VERSION_RE = re.compile(r"v\d{4,}")
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
+
+
+class AdapterError(ValueError):
+    """An adapter version is unknown or incomplete, or the registry cannot be written; the message says which."""
+
+
+@dataclass
+class AdapterInfo:
+    version: str
+    path: Path
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def created(self) -> str:
+        return str(self.metadata.get("created", ""))
+
+    @property
+    def gate(self) -> dict:
+        return self.metadata.get("gate") or {}
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    """Readers see the old file or the new one, never a torn one, even if this process is killed mid-write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AdapterRegistry:
+    """Versions on disk plus the active pointer; safe to share between the app and a background tuning process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = Path(settings.adapters_dir)
+        self._cache_key: tuple | None = None
+        self._cache_state: dict = {"active": None, "previous": []}
+        self._metadata: dict[str, dict] = {}  # versions are immutable, so their metadata is cached forever
+        self._read_lock = threading.Lock()
+
+    # ---- reading
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / REGISTRY_FILE
+
+    def _state(self) -> dict:
+        """The registry file's content, re-read only when it changed on disk."""
+        try:
+            stat = self.registry_path.stat()
+        except FileNotFoundError:
+            return {"active": None, "previous": [], "events": []}
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self._read_lock:
+            if key != self._cache_key:
+                try:
+                    state = json.loads(self.registry_path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as exc:
+                    raise AdapterError(f"adapter registry {self.registry_path} is unreadable: {exc}") from exc
+                state.setdefault("active", None)
+                state.setdefault("previous", [])
+                state.setdefault("events", [])
+                self._cache_key, self._cache_state = key, state
+            return self._cache_state
+
+    def get(self, version: str) -> AdapterInfo:
+        if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+            raise AdapterError(f"{version!r} is not an adapter version (they look like v0001)")
+        path = self.root / version
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        if not path.is_dir() or missing:
+            known = ", ".join(i.version for i in self.list()) or "none yet"
+            what = "does not exist" if not path.is_dir() else f"is incomplete (missing {', '.join(missing)})"
+            raise AdapterError(f"adapter {version} {what} in {self.root} (versions: {known})")
+        if version not in self._metadata:
+            try:
+                self._metadata[version] = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise AdapterError(f"adapter {version}: metadata.json is unreadable: {exc}") from exc
+        return AdapterInfo(version, path, self._metadata[version])
+
+    def active(self) -> AdapterInfo | None:
+        """The adapter new answers should use, or None for the base model. Cheap: a stat() when nothing changed."""
+        version = self._state().get("active")
+        if not version:
+            return None
+        try:
+            return self.get(version)
+        except AdapterError:
+            log.error("the active adapter %s is missing or incomplete: answering with the base model", version)
+            return None
+
+    def list(self) -> list[AdapterInfo]:
+        """Complete versions, oldest first (half-written or foreign folders are ignored)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for path in sorted(self.root.iterdir(), key=lambda p: (len(p.name), p.name)):
+            if path.is_dir() and VERSION_RE.fullmatch(path.name) and all((path / n).is_file() for n in REQUIRED_FILES):
+                try:
+                    out.append(self.get(path.name))
+                except AdapterError:
+                    continue
+        return out
+
+    def history(self) -> list[dict]:
+        """Promotions and rollbacks, oldest first (who/when/what), for the admin tab."""
+        return list(self._state().get("events", []))
+
+    def previous(self) -> list[str]:
+        return list(self._state().get("previous", []))
+
+    # ---- writing
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_FILE, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write_state(self, state: dict) -> None:
+        state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        state["events"] = state.get("events", [])[-200:]
+        atomic_write_json(self.registry_path, state)
+
+    def _fresh_state(self) -> dict:
+        self._cache_key = None  # never trust the cache inside the lock: another process may have written
+        return json.loads(json.dumps(self._state()))
+
+    def promote(self, version: str, *, user: str | None = None, reason: str = "") -> AdapterInfo:
+        """Make `version` the active adapter (atomically); the one it replaces becomes the rollback target."""
+        info = self.get(version)
+        with self._locked():
+            state = self._fresh_state()
+            current = state.get("active")
+            if current == version:
+                return info
+            state["previous"] = (state.get("previous", []) + [current])[-50:]
+            state["active"] = version
+            state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "promote",
+                                    "version": version, "from": current, "user": user, "reason": reason})
+            self._write_state(state)
+        log.info("adapter %s is now active (was %s)", version, current or "the base model")
+        return info
+
+    def rollback(self, *, user: str | None = None, reason: str = "") -> AdapterInfo | None:
+        """Go back to the previously active version (None = the base model). Versions deleted since are skipped."""
+        with self._locked():
+            state = self._fresh_state()
+            current = state.get("active")
+            if current is None and not state.get("previous"):
+                raise AdapterError("nothing to roll back: the base model is active and no adapter was active before")
+            previous = list(state.get("previous", []))
+            target = None
+            while previous:
+                candidate = previous.pop()
+                if candidate is None:
+                    break
+                try:
+                    self.get(candidate)
+                except AdapterError:
+                    continue
+                target = candidate
+                break
+            state["previous"], state["active"] = previous, target
+            state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "rollback",
+                                    "version": target, "from": current, "user": user, "reason": reason})
+            self._write_state(state)
+        log.info("rolled back from %s to %s", current, target or "the base model")
+        return self.get(target) if target else None
+
+    def next_version(self) -> str:
+        numbers = [int(p.name[1:]) for p in self.root.glob("v*") if VERSION_RE.fullmatch(p.name)] if self.root.is_dir() else []
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def add(self, source: Path, metadata: dict) -> AdapterInfo:
+        """Copy a finished PEFT adapter folder in as the next version (assembled aside, then renamed into place).
+        Does not activate it: promotion is a separate, gated step."""
+        source = Path(source)
+        if not (source / "adapter_config.json").is_file():
+            raise AdapterError(f"{source} is not a PEFT adapter folder (no adapter_config.json)")
+        with self._locked():
+            version = self.next_version()
+            staging = self.root / f".staging-{version}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            metadata = {**metadata, "version": version, "created": metadata.get("created")
+                        or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_write_json(staging / "metadata.json", metadata)
+            for path in staging.iterdir():  # the files must be on disk before the folder becomes visible
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
+            os.rename(staging, self.root / version)
+            _fsync_dir(self.root)
+        return self.get(version)
+
+    def cleanup_staging(self) -> int:
+        """Remove folders left by writers that were killed mid-copy (their pid is gone)."""
+        removed = 0
+        for path in self.root.glob(".staging-*") if self.root.is_dir() else []:
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(info: AdapterInfo, active: str | None = None) -> dict:
+    """One row of the registry table (CLI and admin tab)."""
+    meta, gate = info.metadata, info.gate
+    metrics = meta.get("metrics", {})
+    return {
+        "version": info.version,
+        "active": info.version == active,
+        "created": meta.get("created", ""),
+        "examples": meta.get("data", {}).get("train_examples"),
+        "steps": metrics.get("steps"),
+        "best_val_loss": metrics.get("best_val_loss"),
+        "rouge_l": gate.get("scores", {}).get("candidate", {}).get("rouge_l"),
+        "cosine": gate.get("scores", {}).get("candidate", {}).get("cosine"),
+        "gate": "passed" if gate.get("passed") else ("failed" if gate else "not run"),
+        "base": meta.get("base_model", {}).get("name", ""),
+    }
+
+
+# ---- CLI: chatapp adapters list|show|promote|rollback ----------------------------------------------------------
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `adapters` and its subcommands; each sets `func(settings, args) -> int`."""
+    parser = subparsers.add_parser("adapters", help="list, show, promote and roll back LoRA adapter versions")
+    sub = parser.add_subparsers(dest="adapters_command", required=True, metavar="COMMAND")
+    listing = sub.add_parser("list", help="versions with their metrics; * marks the active one")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="metadata and gate report of a version")
+    show.add_argument("version")
+    show.set_defaults(func=cmd_show)
+    promote = sub.add_parser("promote", help="make a version active (the running app picks it up at its next answer)")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="promote even though its gate did not pass")
+    promote.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help="go back to the previously active version (or the base model)").set_defaults(
+        func=cmd_rollback)
+    return parser
+
+
+def _guard(func):
+    """Bad input: a one-line message and exit code 2, never a traceback."""
+    def run(settings: Settings, args: argparse.Namespace) -> int:
+        try:
+            return func(settings, args) or 0
+        except (AdapterError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    run.__name__ = func.__name__
+    return run
+
+
+@_guard
+def cmd_list(settings: Settings, args) -> int:
+    registry = AdapterRegistry(settings)
+    active = registry.active()
+    rows = [describe(info, active.version if active else None) for info in registry.list()]
+    if args.json:
+        print(json.dumps({"active": active.version if active else None, "versions": rows}, indent=2))
+        return 0
+    if not rows:
+        print(f"no adapters yet in {registry.root} (run `chatapp tune`)")
+        return 0
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    print(f"  {'version':8s} {'created':25s} {'examples':>8s} {'steps':>6s} {'val loss':>9s} {'ROUGE-L':>8s} "
+          f"{'cosine':>7s}  gate")
+    for r in rows:
+        print(f"{'*' if r['active'] else ' '} {r['version']:8s} {r['created']:25s} {fmt(r['examples'], '8d'):>8s} "
+              f"{fmt(r['steps'], '6d'):>6s} {fmt(r['best_val_loss'], '9.4f'):>9s} {fmt(r['rouge_l'], '8.4f'):>8s} "
+              f"{fmt(r['cosine'], '7.4f'):>7s}  {r['gate']}")
+    print(f"active: {active.version if active else 'none (base model)'}")
+    return 0
+
+
+@_guard
+def cmd_show(settings: Settings, args) -> int:
+    info = AdapterRegistry(settings).get(args.version)
+    print(json.dumps({"version": info.version, "path": str(info.path), **info.metadata}, indent=2, default=str))
+    return 0
+
+
+@_guard
+def cmd_promote(settings: Settings, args) -> int:
+    registry = AdapterRegistry(settings)
+    info = registry.get(args.version)
+    if not info.gate.get("passed") and not args.force:
+        print(f"error: adapter {info.version} did not pass its evaluation gate; see `chatapp adapters show "
+              f"{info.version}`. Pass --force to promote it anyway.", file=sys.stderr)
+        return 2
+    registry.promote(args.version, user=os.environ.get("USER"), reason="cli" + (" --force" if args.force else ""))
+    print(f"active adapter: {args.version}")
+    return 0
+
+
+@_guard
+def cmd_rollback(settings: Settings, args) -> int:
+    info = AdapterRegistry(settings).rollback(user=os.environ.get("USER"), reason="cli")
+    print(f"active adapter: {info.version if info else 'none (base model)'}")
+    return 0

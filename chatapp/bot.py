@@ -1,0 +1,321 @@
+"""The pipeline of one question: retrieve -> choose examples -> render template -> generate -> log.
+
+`Bot` owns the parts (model, retriever, prompts, feedback log, adapter registry) and is the only thing the UI and the
+CLI talk to. It keeps no per-user state: each browser session carries its own `Session`, so two users never see each
+other's history.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from chatapp.config import Settings
+
+log = logging.getLogger(__name__)
+
+HANDOFF_REPLY = (
+    "I'd rather not guess on this one. Would you like me to connect you with a member of our support team? "
+    "Press **Talk to a person** and they will pick up this conversation."
+)
+ASKED_FOR_HUMAN_REPLY = (
+    "Of course. I'm handing this conversation to our support team; a person will reply here as soon as possible."
+)
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass
+class Session:
+    """One browser session's conversation, kept in the UI's per-session state."""
+
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[dict] = field(default_factory=list)  # raw messages the model sees
+    message_ids: list[str | None] = field(default_factory=list)  # per history entry: the logged turn's id
+    mode: str = "auto"
+    handoff: str | None = None  # set once the conversation is handed to a person
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+@dataclass
+class Reply:
+    """One step of a streamed answer: the text so far plus what produced it."""
+
+    text: str
+    done: bool = False
+    message_id: str | None = None
+    citations: list[Any] = field(default_factory=list)  # retrieval.Hit
+    handoff: str | None = None  # "asked_for_human" | "low_confidence"
+    curated: bool = False
+    notice: str | None = None  # shown to the user: truncation, a failed part, an error
+    template: str = ""
+    mode: str = ""
+
+
+def clean_message(text: str, limit: int) -> tuple[str, str | None]:
+    """Drop control characters and cut a message to `limit` characters, saying so."""
+    text = _CONTROL_CHARS.sub("", text or "").strip()
+    if len(text) > limit:
+        return text[:limit], f"Your message was {len(text):,} characters; only the first {limit:,} were read."
+    return text, None
+
+
+class Bot:
+    """Everything a chat needs, loaded once per process and shared by all sessions (it holds no session state)."""
+
+    def __init__(self, settings: Settings, model, retriever=None, prompts=None, feedback=None, adapters=None):
+        self.settings = settings
+        self.model = model
+        self.retriever = retriever
+        self.prompts = prompts
+        self.feedback = feedback
+        self.adapters = adapters
+        self.problems: dict[str, str] = {}  # part -> what is wrong with it, shown in the UI
+        self._swap_lock = threading.Lock()
+        self._knowledge_checked = 0.0
+
+    @classmethod
+    def create(cls, settings: Settings, model=None) -> "Bot":
+        """Load every part; a part that fails is left out with a visible problem instead of stopping the app."""
+        from chatapp.model import load_model
+
+        problems: dict[str, str] = {}
+        model = model or load_model(settings)
+        parts: dict[str, Any] = {}
+        loaders = {
+            "retriever": lambda: __import__("chatapp.retrieval", fromlist=["Retriever"]).Retriever.open(settings),
+            "feedback": lambda: __import__("chatapp.feedback", fromlist=["FeedbackStore"]).FeedbackStore(
+                settings.feedback_db, settings.feedback
+            ),
+            "adapters": lambda: __import__("chatapp.adapters", fromlist=["AdapterRegistry"]).AdapterRegistry(settings),
+        }
+        for name, loader in loaders.items():
+            try:
+                parts[name] = loader()
+            except Exception as exc:  # the app stays up without the part and says why
+                log.exception("%s unavailable", name)
+                problems[name] = f"{name} unavailable: {exc}"
+        try:
+            from chatapp.prompts import PromptManager
+
+            embedder = getattr(parts.get("retriever"), "embedder", None)
+            parts["prompts"] = PromptManager(settings, embedder=embedder)
+        except Exception as exc:
+            log.exception("prompts unavailable")
+            problems["prompts"] = f"prompt templates unavailable: {exc}"
+        bot = cls(settings, model, **parts)
+        bot.problems.update(problems)
+        bot.sync_adapter()
+        return bot
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # What the UI shows
+
+    def is_admin(self, request=None) -> bool:
+        """Admins edit prompts and promote adapters; with auth off everybody is one (a single-user install)."""
+        if not self.settings.ui.auth:
+            return True
+        user = getattr(request, "username", None)
+        return user is not None and user in self.settings.ui.admins
+
+    def status(self) -> str:
+        """One line for the header: the model and adapter answering, and any part that is down."""
+        lines = [f"**Model:** {self.model.description}"]
+        health = self.feedback.health() if self.feedback is not None else None
+        problems = list(self.problems.values()) + ([f"feedback log: {health}"] if health else [])
+        lines += [f"⚠️ {p}" for p in problems]
+        return "  \n".join(lines)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Answering
+
+    def sync_adapter(self) -> None:
+        """Follow the adapter registry: a promotion or rollback reaches the next answer without a restart."""
+        if self.adapters is None or self.settings.model.adapter is not None:
+            return  # an adapter given on the command line (or "none") pins the choice
+        try:
+            active = self.adapters.active()
+        except Exception as exc:
+            self.problems["adapters"] = f"adapter registry unreadable: {exc}"
+            return
+        version = active.version if active else None
+        if version == self.model.adapter_version:
+            return
+        with self._swap_lock:
+            if version == self.model.adapter_version:
+                return
+            try:
+                self.model.set_adapter(active.path if active else None, version)
+                self.problems.pop("adapters", None)
+                log.info("now answering with adapter %s", version or "none (base model)")
+            except Exception as exc:
+                self.problems["adapters"] = f"adapter {version} could not be loaded, still on the previous one: {exc}"
+
+    def _refresh_knowledge(self) -> None:
+        """Pick up edits to the knowledge folder while running, checked at most every 10 s, off the answer path."""
+        if self.retriever is None or time.monotonic() - self._knowledge_checked < 10:
+            return
+        self._knowledge_checked = time.monotonic()
+
+        def run() -> None:
+            try:
+                self.retriever.refresh()
+            except Exception as exc:
+                self.problems["knowledge"] = f"knowledge refresh failed: {exc}"
+            else:
+                self.problems.pop("knowledge", None)
+
+        threading.Thread(target=run, daemon=True, name="knowledge-refresh").start()
+
+    def answer(self, question: str, session: Session, *, user: str | None = None, **generation: Any) -> Iterator[Reply]:
+        """Stream an answer to `question` in `session`; the session's history is updated when the answer ends."""
+        gen = replace(self.settings.generation, **{k: v for k, v in generation.items() if v is not None})
+        question, notice = clean_message(question, gen.max_input_chars)
+        if not question:
+            yield Reply("", done=True, notice="Type a question first.")
+            return
+        session.stop.clear()
+        self.sync_adapter()
+        self._refresh_knowledge()
+        started = time.perf_counter()
+        message_id = uuid.uuid4().hex
+        history = list(session.history)
+
+        if session.handoff:
+            reply = Reply(
+                "A member of our team has this conversation; they will reply here.", handoff=session.handoff
+            )
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
+
+        curated = self.prompts.find_curated(question) if self.prompts is not None else None
+        if curated:
+            reply = Reply(curated["answer"], curated=True)
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
+
+        hits, search = [], None
+        if self.retriever is not None:
+            try:
+                search = self.retriever.search(question, history)
+                hits = search.hits
+            except Exception as exc:
+                log.exception("retrieval failed")
+                notice = _join(notice, f"Knowledge search failed ({exc}); answering without it.")
+        if search is not None and search.handoff == "asked_for_human":
+            session.handoff = "asked_for_human"
+            reply = Reply(ASKED_FOR_HUMAN_REPLY, handoff="asked_for_human")
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
+        if search is not None and search.handoff == "low_confidence":
+            reply = Reply(HANDOFF_REPLY, handoff="low_confidence")
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
+        if search is not None and search.curated is not None:
+            hit = search.curated
+            reply = Reply(hit.answer or hit.text, citations=[hit], curated=True)
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
+
+        rendered = self._render(question, history, hits, session.mode, gen)
+        known = {f.name for f in fields(gen)}
+        template_gen = {k: v for k, v in rendered.generation.items() if k in known and generation.get(k) is None}
+        gen = replace(gen, **template_gen)
+        text, first_token = "", None
+        meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id)
+        try:
+            for piece in self.model.stream(rendered.messages, gen, session.stop):
+                if first_token is None:
+                    first_token = time.perf_counter()
+                text += piece
+                yield Reply(text, notice=notice, **meta)
+        except Exception as exc:
+            log.exception("generation failed")
+            notice = _join(notice, f"The model failed while answering: {exc}")
+        if session.stop.is_set():
+            notice = _join(notice, "Stopped.")
+        reply = Reply(text.strip(), **meta)
+        yield from self._finish(
+            reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
+            first_token=first_token,
+        )
+
+    def _render(self, question: str, history: list[dict], hits: list, mode: str, gen):
+        """Prompt messages that fit the model's context: older turns are dropped first, then context is cut."""
+        from chatapp.prompts import Rendered
+
+        if self.prompts is None:
+            messages = [*history, {"role": "user", "content": question}]
+            return Rendered(messages=messages, template="(none)", version=0, mode="zero_shot", examples=[], generation={})
+        budget = self.model.context_tokens - gen.max_new_tokens
+        while True:
+            rendered = self.prompts.render(None, question=question, history=history, hits=hits, mode=mode)
+            if not history and len(hits) <= 1 or self.model.count_tokens(rendered.messages) <= budget:
+                return rendered
+            if history:
+                history = history[2:]
+            else:
+                hits = hits[:-1]
+
+    def _finish(self, reply: Reply, question: str, session: Session, message_id: str, started: float, *,
+                notice: str | None, user: str | None, rendered=None, first_token: float | None = None
+                ) -> Iterator[Reply]:
+        """Record the turn in the session and the feedback log, then yield the final reply."""
+        total_ms = (time.perf_counter() - started) * 1000
+        reply.message_id, reply.done, reply.notice = message_id, True, notice
+        session.history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply.text}]
+        session.message_ids += [None, message_id]
+        if self.feedback is not None:
+            from chatapp.feedback import TurnRecord
+
+            record = TurnRecord(
+                message_id=message_id, session_id=session.session_id, user_message=question, answer=reply.text,
+                history=session.history[:-2], prompt_messages=rendered.messages if rendered else [],
+                retrieved=[{"chunk_id": h.chunk_id, "score": h.score, "source": h.source, "title": h.title}
+                           for h in reply.citations],
+                template=rendered.template if rendered else "", template_version=rendered.version if rendered else 0,
+                mode=rendered.mode if rendered else "", model=self.model.description,
+                adapter=self.model.adapter_version,
+                first_token_ms=(first_token - started) * 1000 if first_token else None, total_ms=total_ms,
+                handoff=reply.handoff, curated=reply.curated, user=user,
+            )
+            try:
+                self.feedback.log_turn(record)
+            except Exception as exc:  # logging must never cost the user their answer
+                log.exception("feedback log failed")
+                reply.notice = _join(reply.notice, f"This answer could not be logged: {exc}")
+        yield reply
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Feedback
+
+    def rate(self, message_id: str, rating: int, correction: str | None = None, reason: str | None = None,
+             user: str | None = None) -> str:
+        """Store a rating; a correction also goes into the example bank at once, so the same question gets it next."""
+        if self.feedback is None:
+            raise RuntimeError("the feedback log is unavailable; the rating was not stored")
+        correction = (correction or "").strip() or None
+        self.feedback.rate(message_id, rating, correction=correction, reason=(reason or "").strip() or None, user=user)
+        if correction and self.prompts is not None:
+            turn = self.feedback.turn(message_id)
+            if turn:
+                self.prompts.add_example(turn["user_message"], correction, source="correction")
+                return "Thanks — the correction is stored and will be used from the next question on."
+        return "Thanks for the feedback."
+
+    def request_handoff(self, session: Session, reason: str = "user_request") -> str:
+        """Hand the conversation to a person: logged for the support team, and the session stops answering itself."""
+        session.handoff = reason
+        last_id = next((m for m in reversed(session.message_ids) if m), None)
+        if self.feedback is not None:
+            self.feedback.log_handoff(session.session_id, last_id, reason)
+        return "A member of our support team has been asked to join. You can keep writing here in the meantime."
+
+
+def _join(first: str | None, second: str) -> str:
+    return f"{first} {second}" if first else second
+

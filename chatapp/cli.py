@@ -1,0 +1,181 @@
+"""Command line: `chatapp serve|ingest|eval|prompts|feedback|tune|adapters`, and the flags `launch.py` takes.
+
+Each part of the product registers its own subcommands (`add_arguments(subparsers)` in its module, handlers
+`func(settings, args) -> int | None`); this file only builds `Settings` from the flags and dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from chatapp.config import Settings
+
+log = logging.getLogger("chatapp")
+
+# Modules that contribute subcommands; one that fails to import costs only its own commands.
+COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback", "chatapp.tuning", "chatapp.adapters"]
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every command understands: where state lives and which model answers."""
+    parser.add_argument("--config", help="TOML settings file (default: ./chatapp.toml if present)")
+    parser.add_argument("--data-dir", help="runtime state: model cache, index, feedback database, adapters")
+    parser.add_argument("--model", help="model profile (smollm2, qwen-coder-0.5b), a .gguf file or a HF model folder")
+    parser.add_argument("--adapter", help="a PEFT LoRA adapter folder, or 'none' (default: the registry's active one)")
+    parser.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"])
+    parser.add_argument("--openai-base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--threads", type=int, help="CPU threads for generation and training (default: all cores)")
+    parser.add_argument("--knowledge-dir", help="folder of Markdown / FAQ files to answer from")
+    parser.add_argument("--embedder", choices=["minilm", "e5"], help="minilm (English) or e5 (multilingual)")
+    parser.add_argument("--template", help="prompt template to use (a name under prompts/)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the whole network)")
+    parser.add_argument("--port", type=int, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also open a temporary public link (needs internet)")
+    parser.add_argument("--allow-public", action="store_true", help="allow --share without --auth")
+    parser.add_argument("--auth", action="append", metavar="USER:PASS", help="require a login (repeatable)")
+    parser.add_argument("--auth-file", help="file with one USER:PASS per line")
+    parser.add_argument("--admin", action="append", metavar="USER",
+                        help="users allowed to edit prompts and promote adapters (default: the first --auth user)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "model.name": args.model,
+        "model.adapter": args.adapter,
+        "model.backend": args.backend,
+        "model.openai_base_url": args.openai_base_url,
+        "model.threads": args.threads,
+        "retrieval.knowledge_dir": args.knowledge_dir,
+        "retrieval.embedder": args.embedder,
+        "prompts.template": args.template,
+    }
+    settings = Settings.load(args.config, **overrides)
+    if args.data_dir:
+        settings.data_dir = Path(args.data_dir).expanduser()
+    if args.backend is None and args.openai_base_url:
+        settings.model.backend = "openai"
+    for name in ("host", "port"):
+        if getattr(args, name, None) is not None:
+            setattr(settings.ui, name, getattr(args, name))
+    if getattr(args, "share", False):
+        settings.ui.share = True
+    if getattr(args, "allow_public", False):
+        settings.ui.allow_public = True
+    users = list(settings.ui.auth) + [_parse_credential(c, "--auth") for c in getattr(args, "auth", None) or []]
+    if getattr(args, "auth_file", None):
+        users += read_auth_file(Path(args.auth_file))
+    settings.ui.auth = users
+    if getattr(args, "admin", None):
+        settings.ui.admins = list(args.admin)
+    elif users and not settings.ui.admins:
+        settings.ui.admins = [users[0][0]]
+    return settings
+
+
+def _parse_credential(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.strip().partition(":")
+    if not sep or not user or not password:
+        raise SystemExit(f"{where}: expected USER:PASS, got {text.strip()!r}")
+    return user, password
+
+
+def read_auth_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SystemExit(f"--auth-file {path}: {exc.strerror or exc}") from None
+    users = [_parse_credential(line, f"{path}:{n}") for n, line in enumerate(lines, 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not users:
+        raise SystemExit(f"--auth-file {path}: no USER:PASS lines")
+    return users
+
+
+def serve(settings: Settings) -> int:
+    """Load the bot, start the web app, keep it up until Ctrl-C."""
+    from chatapp.bot import Bot
+    from chatapp.model import ModelError
+    from chatapp.ui import build
+
+    ui = settings.ui
+    if ui.share and not ui.auth and not ui.allow_public:
+        print("Refusing --share without --auth: a public link would let anyone on the internet use this bot, read its\n"
+              "knowledge base and edit its prompts. Add --auth USER:PASS (or --auth-file), or pass --allow-public\n"
+              "if that is really what you want.", file=sys.stderr)
+        return 2
+    try:
+        bot = Bot.create(settings)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = build(bot)
+    try:
+        app.launch(server_name=ui.host, server_port=ui.port, share=ui.share, auth=ui.auth or None,
+                   prevent_thread_lock=True, show_error=True)
+    except OSError as exc:
+        print(f"error: cannot listen on {ui.host}:{ui.port}: {exc}", file=sys.stderr)
+        return 2
+    print(f"Chat app ready at {app.local_url}", flush=True)
+    if ui.share and not app.share_url:
+        print("The public --share link could not be created (this machine cannot reach the tunnel service: offline or\n"
+              f"blocked). The app keeps serving locally at {app.local_url}.", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nShutting down.", flush=True)
+    finally:
+        app.close()
+        if bot.feedback is not None:
+            bot.feedback.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from packages on disk, never a hub
+    parser = argparse.ArgumentParser(prog="chatapp", description=__doc__.split("\n")[0])
+    add_common_flags(parser)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    serve_parser = subparsers.add_parser("serve", help="start the web app (same as launch.py)")
+    add_serve_flags(serve_parser)
+    serve_parser.set_defaults(func=lambda settings, args: serve(settings))
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            log.debug("%s has no commands here: %s", name, exc)
+            continue
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(subparsers)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    try:
+        return int(args.func(settings, args) or 0)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    """`python launch.py [flags]`: the web app with the serve flags at top level."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="launch.py", description="Start the customer-service chat app.")
+    add_common_flags(parser)
+    add_serve_flags(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return serve(settings_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real default model (converted once per checkout), a tiny model with the real tokenizer,
+and settings pointing every kind of state at a temporary folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from chatapp.config import REPO_ROOT, ModelSettings, Settings  # noqa: E402
+
+# The GGUF -> safetensors conversion takes ~50 s: do it once per checkout, not once per test.
+TEST_CACHE = Path(os.environ.get("CHATAPP_TEST_CACHE", REPO_ROOT / "var" / "test-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real default model as a Hugging Face folder (converted from the package's GGUF on first use)."""
+    from chatapp.model import resolve_base_model
+
+    return resolve_base_model(ModelSettings(), TEST_CACHE / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir: Path, tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template: the real code path, fast enough for unit tests."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
+    """Settings for a test: all runtime state in tmp_path, the tiny model, the transformers backend."""
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.model.name = str(tiny_model_dir)
+    settings.model.backend = "transformers"
+    settings.model.threads = 2
+    settings.generation.max_new_tokens = 24
+    settings.generation.temperature = 0.0
+    return settings
