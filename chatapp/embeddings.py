@@ -72,16 +72,27 @@ class MiniLMEmbedder(Embedder):
         self.dim = self.model.get_embedding_dimension() or 384
         self._lock = threading.Lock()  # one forward pass at a time: torch threads already use every core
 
-    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def _encode(self, texts: list[str], batch_size: int, threads: int = 0) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
         with self._lock:
-            vectors = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
+            before = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)  # an OpenMP setting: it applies to this thread only
+            try:
+                vectors = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                            convert_to_numpy=True, show_progress_bar=False)
+            finally:
+                if threads:
+                    torch.set_num_threads(before)
         return _normalised(vectors, self.dim)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self._encode(texts, batch_size=32)
+        # One short query has too little work to split: one thread is as fast when the machine is idle and 8x faster
+        # when other work holds the cores (measured: 26 ms vs 207 ms p50 on 2 busy cores).
+        return self._encode(texts, batch_size=32, threads=1 if len(texts) <= 4 else 0)
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, batch_size=64)

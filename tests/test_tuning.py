@@ -105,6 +105,7 @@ def test_only_the_final_answer_has_labels(tokenizer):
 
 
 def test_training_examples_are_rendered_like_inference_prompts(tsettings, tokenizer):
+    tsettings.tuning.max_seq_len = 2048  # nothing shortened: the whole inference prompt
     prompts = PromptManager(tsettings)
     seed = [r for r in load_seed() if r["history"]][:3]
     dataset = build_dataset(seed, prompts, tokenizer, tsettings.tuning)

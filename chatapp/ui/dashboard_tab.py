@@ -20,7 +20,7 @@ import pandas as pd
 from chatapp.feedback import EXPORT_FORMATS, FeedbackError, write_jsonl
 
 PERIODS = [("Last 24 hours", "1"), ("Last 7 days", "7"), ("Last 30 days", "30"), ("All time", "all")]
-DOWNVOTED_COLUMNS = ["Question", "👎", "👍", "Last down-voted answer"]
+DOWNVOTED_COLUMNS = ["Question", "Thumbs down", "Thumbs up", "Last down-voted answer"]
 HANDOFF_COLUMNS = ["Kind", "Reason", "Count"]
 NO_RAW = "🔒 Only administrators can export without redaction. Nothing was exported."
 
@@ -89,7 +89,7 @@ def build(bot) -> None:
                     "", [], [], raw_box)
         rate = "–" if figures["up_rate"] is None else f"{figures['up_rate']:.0%}"
         table = "\n".join([
-            "| Turns | Sessions | Rated | 👍 | 👎 | Thumbs-up rate | Corrections | Curated answers | Handoffs asked | Handoffs offered |",
+            "| Turns | Sessions | Rated | Thumbs up | Thumbs down | Thumbs-up rate | Corrections | Curated answers | Handoffs asked | Handoffs offered |",
             "|---|---|---|---|---|---|---|---|---|---|",
             f"| {figures['turns']:,} | {figures['sessions']:,} | {figures['rated']:,} | {figures['up']:,} | "
             f"{figures['down']:,} | {rate} | {figures['corrections']:,} | {figures['curated']:,} | "
