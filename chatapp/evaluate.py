@@ -4,6 +4,8 @@
   R@1, R@5 and MRR@10 of the full search (entity from the dialogue + dense + BM25), with dense alone and BM25 alone
   (last turn; last three turns; restricted to the detected business) measured in the same run. Figures are also
   given for the even ``val_index`` half (the half the fusion settings were chosen on) and the odd, held-out half.
+- The default shop (knowledge/): the same handoff rule with the article threshold, on hand-written in-scope shop
+  questions against CLINC150's out-of-scope queries.
 - CLINC150 handoff: the in-scope bank is the banking + credit_cards train queries as an FAQ file, searched with the
   same Retriever; confidence = cosine to the nearest in-scope question. The threshold is tuned on ``val`` /
   ``oos_val`` only and reported on ``test`` (false handoff on in-scope banking/credit_cards) and ``oos_test``.
@@ -39,6 +41,37 @@ CLINC_CREDIT_CARDS = ["credit_score", "report_lost_card", "credit_limit", "rewar
                       "credit_limit_change", "damaged_card", "replacement_card_duration", "improve_credit_score",
                       "expiration_date"]
 MAX_FALSE_HANDOFF = 0.05
+# In-scope questions for the default shop (knowledge/), written by hand, one or more per ABCD subflow. They check
+# the article-chunk handoff threshold (CALIBRATED_HANDOFF[...]["doc"]) against CLINC150's out-of-scope queries.
+ABCD_QUESTIONS = [
+    "I want a refund for the jeans I bought", "How do I get my money back as a gift card?",
+    "Can I add another item to the refund I already started?", "What's the status of my refund?",
+    "My shirt arrived with a stain on it, can I return it?", "The jacket is the wrong color, how do I send it back?",
+    "These boots don't fit, I need a different size", "How long do I have to return something as a silver member?",
+    "There's a fee on my order I don't recognize", "Can I change my delivery from morning to evening?",
+    "I want to pay for my order with PayPal instead of my credit card", "My confirmation email says I ordered two but I only wanted one",
+    "Can I upgrade to overnight shipping?", "Can I slow down the shipping to save money?",
+    "I'd like to add a sweater to the order I placed yesterday", "I accidentally ordered the same thing twice",
+    "I forgot my username", "I can't remember my password", "How do I reset two-factor authentication?",
+    "My credit card keeps getting declined on your site", "The items I add don't show up in my cart",
+    "Search on your website always says no results", "Your website is super slow today",
+    "There's a service on my account I never signed up for", "Someone removed a service from my plan",
+    "Does my account give me free international shipping?", "Some store credit disappeared from my account",
+    "I moved, how do I update my address?", "I need to change the name on my account",
+    "How do I update my phone number?", "I want to change my payment method on file",
+    "Another store has this cheaper", "The price dropped a day after I bought it",
+    "Why is everything out of stock?", "The boots I want are out of stock, can I back-order them?",
+    "My promo code doesn't work", "My discount code expired",
+    "I returned the item but never got credited", "I was charged for something I never bought",
+    "The tracking email says my package is going to the wrong address", "I want to change the address for my shipment",
+    "My package never arrived", "Shipping costs way too much, can you waive it?",
+    "Is my premium subscription still active?", "How much do I owe for my subscription?",
+    "When is my subscription renewal date?", "I want to pay my subscription bill",
+    "Can I get an extension on my subscription payment?", "I was billed twice for my subscription",
+    "Are the boots waterproof?", "How do I get a grass stain out of jeans?", "Does the shirt shrink in the wash?",
+    "Can I detach the hood of the jacket?", "How much is gift wrapping?", "What are the membership levels?",
+    "When does the annual sale start?",
+]
 
 
 def _eval_settings(settings: Settings, name: str, source_files: list[Path] | dict[str, str]) -> Settings:
@@ -158,9 +191,28 @@ def eval_clinc(settings: Settings, data: Path) -> dict[str, Any]:
             "explicit_human_request_false_positives_on_test": int(sum(asks_for_human(t) for t in test_texts))}
 
 
+def eval_default_shop(settings: Settings, data: Path) -> dict[str, Any]:
+    """Handoff on the default knowledge base (Markdown articles, no FAQ file): the same confidence rule with the
+    article-chunk threshold; in scope = ABCD_QUESTIONS, out of scope = CLINC150 oos_val / oos_test."""
+    from chatapp.retrieval import Retriever
+
+    shop_settings = copy.deepcopy(settings)
+    shop_settings.data_dir = Path(settings.data_dir) / "eval" / f"shop-{settings.retrieval.embedder}"
+    retriever = Retriever.open(shop_settings, progress=True)
+    clinc = json.loads((data / "clinc150" / "data_full.json").read_text())
+    results = {name: [retriever.search(q) for q in questions] for name, questions in
+               {"in_scope": ABCD_QUESTIONS, "oos_val": _clinc_split(clinc["oos_val"], None),
+                "oos_test": _clinc_split(clinc["oos_test"], None)}.items()}
+    return {"chunks": len(retriever), "threshold": retriever.thresholds()["doc"],
+            "in_scope_questions": len(ABCD_QUESTIONS),
+            "false_handoff": float(np.mean([r.handoff is not None for r in results["in_scope"]])),
+            "oos_val_recall": float(np.mean([r.handoff is not None for r in results["oos_val"]])),
+            "oos_test_recall": float(np.mean([r.handoff is not None for r in results["oos_test"]]))}
+
+
 def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> int:
     data = Path(getattr(args, "data", None) or DEFAULT_DATA)
-    parts = getattr(args, "part", None) or ["dstc11", "clinc150"]
+    parts = getattr(args, "part", None) or ["dstc11", "clinc150", "shop"]
     embedder = load_embedder(settings.retrieval.embedder, settings.retrieval.embed_threads)
     out: dict[str, Any] = {"embedder": embedder.name}
     if "dstc11" in parts:
@@ -185,6 +237,12 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> int:
                   f"oos_test recall {row['oos_test_recall']:.3f}")
         print(f"explicit 'human please' rule fired on {clinc['explicit_human_request_false_positives_on_test']} "
               f"of {clinc['test']} in-scope test queries")
+    if "shop" in parts:
+        out["shop"] = shop = eval_default_shop(settings, data)
+        print(f"\nDefault shop knowledge base ({shop['chunks']} article chunks), article threshold "
+              f"{shop['threshold']:.3f}: false handoff {shop['false_handoff']:.3f} on {shop['in_scope_questions']} "
+              f"hand-written shop questions; CLINC150 out-of-scope recall oos_val {shop['oos_val_recall']:.3f}, "
+              f"oos_test {shop['oos_test_recall']:.3f}")
     path = Path(settings.data_dir) / "eval" / f"retrieval-{embedder.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
@@ -200,5 +258,6 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
         targets = eval_parser.add_subparsers(dest="eval_target", required=True)
     parser = targets.add_parser("retrieval", help="DSTC11 R@k/MRR and CLINC150 handoff quality")
     parser.add_argument("--data", help=f"folder with dstc11_track5/ and clinc150/ (default {DEFAULT_DATA})")
-    parser.add_argument("--part", action="append", choices=["dstc11", "clinc150"], help="run only this part")
+    parser.add_argument("--part", action="append", choices=["dstc11", "clinc150", "shop"],
+                        help="run only this part (repeatable)")
     parser.set_defaults(func=cmd_eval_retrieval)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import json
 import logging
 import os
@@ -381,16 +382,27 @@ class FeedbackStore:
         redactor = Redactor(self.settings.redact_patterns, self.settings.phone_regions) if redact else None
         clean = redactor or (lambda text: text)
         records: list[dict] = []
+        # Building ~10^5 small dicts re-triggers the cyclic GC over everything built so far (it doubled export time);
+        # these records hold no cycles, so pause it for the loop.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            self._export_rows(fmt, since_ts, clean, meta, records)
+        finally:
+            if gc_was_on:
+                gc.enable()
+        return records, dict(redactor.counts) if redactor else {}
+
+    def _export_rows(self, fmt: str, since_ts: float, clean, meta: bool, records: list[dict]) -> None:
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT t.*, r.rating, r.correction, r.reason, r.updated_at AS rated_at FROM ratings r "
                 "JOIN turns t USING (message_id) WHERE r.updated_at >= ? AND (r.rating != 0 OR r.correction IS NOT NULL) "
-                "ORDER BY t.created_at",
+                "ORDER BY r.updated_at",  # the index, no sort: oldest rating first
                 (since_ts,),
             )
             for row in rows:
                 records.extend(_training_records(fmt, row, clean, meta))
-        return records, dict(redactor.counts) if redactor else {}
 
     # ---- the writer thread --------------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ def format_sources(reply: Reply) -> str:
         return "*No knowledge-base passages were used for this answer.*"
     blocks = []
     for i, hit in enumerate(reply.citations, 1):
-        snippet = _escape((hit.answer or hit.text)[:300])
+        snippet = _escape(" ".join((hit.answer or hit.text).replace("*", "").replace("#", "").split())[:300])
         blocks.append(f"**[{i}] {_escape(hit.title or hit.source)}**  \n<sub>{_escape(hit.source)} · score {hit.score:.2f}</sub>  \n{snippet}")
     return "\n\n".join(blocks)
 

@@ -1,0 +1,86 @@
+"""The chat tab in a real browser (Playwright + Debian's chromium): answer, 👎 + correction, the correction used at once,
+the human handoff, and clear."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from chatapp.bot import Bot
+from chatapp.config import Settings
+from chatapp.ui import build
+
+CHROMIUM = "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(tiny_model_dir: Path, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is missing: `make test` installs it (apt-get install chromium)")
+    settings = Settings(data_dir=tmp_path_factory.mktemp("chat-ui"))
+    settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
+    settings.generation.max_new_tokens, settings.generation.temperature = 16, 0.0
+    bot = Bot.create(settings)
+    app = build(bot)
+    port = free_port()
+    app.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.bot = bot  # the test reads the feedback log through the same bot the page uses
+        yield page
+        browser.close()
+    app.close()
+
+
+def ask(page, text: str) -> None:
+    before = page.locator("#chatbot [data-testid='bot']").count()
+    page.locator("#message textarea").fill(text)
+    page.locator("#send").click()
+    page.wait_for_function(
+        "n => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > n && "
+        "document.querySelector('#message textarea').value === ''", arg=before, timeout=60_000)
+    page.wait_for_timeout(1500)  # let the stream finish
+
+
+def last_bot_text(page) -> str:
+    return page.locator("#chatbot [data-testid='bot']").last.inner_text()
+
+
+def test_thumbs_down_correction_is_used_for_the_same_question(page):
+    ask(page, "Can I pay with a gift card?")
+    assert page.locator("#correction-text textarea").is_hidden()
+    page.locator("#chatbot button[aria-label='Dislike']").last.click()
+    page.locator("#correction-text textarea").wait_for(state="visible", timeout=10_000)
+    page.locator("#correction-text textarea").fill("Yes — gift cards are accepted at checkout, together with any card.")
+    page.locator("#correction-reason textarea").fill("it did not answer")
+    page.locator("#save-correction").click()
+    page.locator("#hint").get_by_text("correction is stored").wait_for(timeout=10_000)
+
+    page.bot.feedback.flush()
+    stats = page.bot.feedback.stats()
+    assert stats, "the rating should be in the feedback log"
+
+    page.locator("#clear").click()
+    ask(page, "Can I pay with a gift card?")
+    answer = last_bot_text(page)
+    assert "gift cards are accepted at checkout" in answer and "Curated answer" in answer
+
+
+def test_talk_to_a_person_hands_the_conversation_over(page):
+    page.locator("#clear").click()
+    ask(page, "Where is my parcel?")
+    page.locator("#handoff").click()
+    page.locator("#chatbot").get_by_text("support team has been asked to join").wait_for(timeout=10_000)
+    ask(page, "Hello?")
+    assert "A member of our team has this conversation" in last_bot_text(page)
