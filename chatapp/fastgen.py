@@ -70,127 +70,127 @@ def _adapter_signature(adapter_dir: Path, base_gguf: Path) -> dict:
     return {"format": LORA_FORMAT, "files": files, "base": [str(base_gguf), base.st_size, base.st_mtime_ns]}
 
 
-def convert_peft_adapter(adapter_dir: Path, base_gguf: Path, out_dir: Path | None = None) -> Path:
-    """The GGUF LoRA for a PEFT LoRA folder, converted once and cached next to it (or in `out_dir` if read-only).
+def convert_peft_adapter(adapter_dir: Path, base_gguf: Path, fallback_dir: Path | None = None) -> Path:
+    """The GGUF LoRA for a PEFT LoRA folder, converted once and cached in that folder (or `fallback_dir` if read-only).
 
     llama.cpp computes W·x + scale·B·(A·x) with scale = alpha/rank from the GGUF; PEFT's per-module scaling (alpha/r,
-    alpha/sqrt(r) for rsLoRA, rank/alpha patterns) is folded into B instead and the GGUF alpha set to 0 (scale 1), so
-    every PEFT LoRA variant maps exactly.
+    alpha/sqrt(r) for rsLoRA, alpha patterns) is folded into B instead and the GGUF alpha set to 0 (= scale 1), so
+    every plain PEFT LoRA maps exactly. Written to a temporary file and renamed, so a crash never leaves half a file.
     """
-    import numpy as np
-
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    weights_path = adapter_dir / "adapter_model.safetensors"
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not config_path.is_file():
         raise ModelError(f"adapter {adapter_dir}: no adapter_config.json there (expected a PEFT adapter folder)")
     if not weights_path.is_file():
         raise ModelError(f"adapter {adapter_dir}: no adapter_model.safetensors there (save it with safetensors)")
     signature = _adapter_signature(adapter_dir, base_gguf)
-    key = hashlib.sha1(json.dumps(signature["base"]).encode()).hexdigest()[:8]
-    for folder in (adapter_dir, out_dir):
-        if folder is not None:
-            cached = Path(folder) / f"llamacpp-lora-{key}.gguf"
-            meta = cached.with_suffix(".json")
-            try:
-                if cached.is_file() and json.loads(meta.read_text()) == signature:
-                    return cached
-            except (OSError, ValueError):
-                pass
+    name = "llamacpp-lora-" + hashlib.sha1(json.dumps(signature["base"]).encode()).hexdigest()[:8] + ".gguf"
+    folders = [adapter_dir] + ([Path(fallback_dir)] if fallback_dir is not None else [])
+    for folder in folders:
+        try:
+            if json.loads((folder / name).with_suffix(".json").read_text()) == signature and (folder / name).is_file():
+                return folder / name
+        except (OSError, ValueError):
+            pass
+    tensors = _lora_tensors_for_gguf(adapter_dir, base_gguf)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return _write_lora_gguf(folder / name, tensors, base_gguf, signature)
+        except PermissionError:
+            log.info("adapter folder %s is read-only; caching its GGUF elsewhere", folder)
+    raise ModelError(f"adapter {adapter_dir}: nowhere writable to store its converted GGUF")
 
+
+def _lora_tensors_for_gguf(adapter_dir: Path, base_gguf: Path) -> dict:
+    """GGUF tensor name -> float32 array: PEFT's A and B matrices, renamed, scaled and laid out as llama.cpp expects."""
     import gguf
+    import numpy as np
     from peft.utils.other import get_pattern_key
     from safetensors.numpy import load_file
 
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
     except ValueError as exc:
         raise ModelError(f"adapter {adapter_dir}: adapter_config.json is not valid JSON ({exc})") from exc
     if config.get("peft_type", "LORA") != "LORA":
         raise UnsupportedAdapter(f"adapter {adapter_dir}: {config.get('peft_type')} adapters are not LoRA")
     for option in ("use_dora", "modules_to_save", "trainable_token_indices", "layer_replication"):
         if config.get(option):
-            raise UnsupportedAdapter(f"adapter {adapter_dir}: llama.cpp cannot serve {option}; use backend=transformers")
+            raise UnsupportedAdapter(f"adapter {adapter_dir}: llama.cpp cannot serve {option}")
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise UnsupportedAdapter(f"adapter {adapter_dir}: LoRA biases are not supported by llama.cpp")
+        raise UnsupportedAdapter(f"adapter {adapter_dir}: llama.cpp cannot serve LoRA biases")
 
     reader = gguf.GGUFReader(str(base_gguf))
     arch_name = str(reader.fields["general.architecture"].contents())
-    hparam = lambda name: int(reader.fields[f"{arch_name}.{name}"].contents())  # noqa: E731
+    hparam = lambda key: int(reader.fields[f"{arch_name}.{key}"].contents())  # noqa: E731
     n_head, n_head_kv = hparam("attention.head_count"), hparam("attention.head_count_kv")
     base_shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}  # GGUF order: (in, out)
-    arch = {name: value for value, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    arch = {arch_str: arch_id for arch_id, arch_str in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
     if arch is None:
-        raise UnsupportedAdapter(f"gguf-py does not know the architecture {arch_name!r} of {base_gguf}")
+        raise UnsupportedAdapter(f"gguf-py does not know the architecture {arch_name!r} of {base_gguf.name}")
     tensor_names = gguf.get_tensor_name_map(arch, hparam("block_count"))
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    for name, value in load_file(str(weights_path)).items():
-        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if match is None:
-            raise UnsupportedAdapter(f"adapter {adapter_dir}: tensor {name!r} is not a LoRA A/B matrix")
+            raise UnsupportedAdapter(f"adapter {adapter_dir}: tensor {key!r} is not a LoRA A/B matrix")
         pairs.setdefault(match.group(1), {})[match.group(2)] = value.astype(np.float32)
 
-    alpha = float(config.get("lora_alpha", 8))
-    tmp_out = None
-    writer_target = None
-    for folder in (adapter_dir, out_dir):
-        if folder is None:
-            continue
-        target = Path(folder) / f"llamacpp-lora-{key}.gguf"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp_out = target.with_name(f".{target.name}.tmp{os.getpid()}.{threading.get_ident()}")
-            tmp_out.touch()
-            writer_target = target
-            break
-        except OSError:
-            continue
-    if writer_target is None:
-        raise ModelError(f"adapter {adapter_dir}: cannot write the converted adapter there (read-only?)")
+    alpha, alpha_pattern = float(config.get("lora_alpha", 8)), config.get("alpha_pattern") or {}
+    out = {}
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ModelError(f"adapter {adapter_dir}: {module} has lora_{''.join(ab)} only")
+        lora_a, lora_b = ab["A"], ab["B"]
+        rank = lora_a.shape[0]  # the module's own rank, rank_pattern included
+        module_alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha))
+        lora_b = lora_b * (module_alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+        dest = tensor_names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if dest is None or dest not in base_shapes:
+            raise UnsupportedAdapter(f"adapter {adapter_dir}: {base_gguf.name} has no weight for module {module}")
+        if arch_name == "llama" and module.endswith("q_proj"):
+            lora_b = _permute_rope_rows(lora_b, n_head, n_head)
+        elif arch_name == "llama" and module.endswith("k_proj"):
+            lora_b = _permute_rope_rows(lora_b, n_head, n_head_kv)
+        in_features, out_features = base_shapes[dest][:2]
+        if lora_a.shape[1] != in_features or lora_b.shape != (out_features, rank):
+            raise ModelError(
+                f"adapter {adapter_dir} does not fit {base_gguf.name}: {module} has A{tuple(lora_a.shape)} "
+                f"B{tuple(lora_b.shape)} but the base weight is {out_features}x{in_features} (another base model?)"
+            )
+        out[dest + ".lora_a"] = np.ascontiguousarray(lora_a)  # (rank, in): ggml ne = [in, rank]
+        out[dest + ".lora_b"] = np.ascontiguousarray(lora_b)  # (out, rank): ggml ne = [rank, out]
+    if not out:
+        raise ModelError(f"adapter {adapter_dir}: no LoRA weights in adapter_model.safetensors")
+    return {"arch": arch_name, "tensors": out}
 
-    writer = gguf.GGUFWriter(str(tmp_out), arch_name)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0 = scale 1: PEFT's scaling is already inside B
+
+def _write_lora_gguf(target: Path, lora: dict, base_gguf: Path, signature: dict) -> Path:
+    import gguf
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        for module, ab in sorted(pairs.items()):
-            if set(ab) != {"A", "B"}:
-                raise ModelError(f"adapter {adapter_dir}: {module} has lora_{''.join(ab)} only")
-            lora_a, lora_b = ab["A"], ab["B"]
-            r = lora_a.shape[0]  # the module's rank, rank_pattern included
-            alpha_pattern = config.get("alpha_pattern") or {}
-            a = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), alpha))
-            scaling = a / math.sqrt(r) if config.get("use_rslora") else a / r
-            dest = tensor_names.get_name(module + ".weight", try_suffixes=(".weight",))
-            if dest is None or dest not in base_shapes:
-                raise UnsupportedAdapter(f"adapter {adapter_dir}: no tensor in {base_gguf.name} for module {module}")
-            lora_b = lora_b * scaling
-            if arch_name == "llama" and module.endswith("q_proj"):
-                lora_b = _permute_rope_rows(lora_b, n_head, n_head)
-            elif arch_name == "llama" and module.endswith("k_proj"):
-                lora_b = _permute_rope_rows(lora_b, n_head, n_head_kv)
-            in_features, out_features = base_shapes[dest][:2]
-            if lora_a.shape != (lora_a.shape[0], in_features) or lora_b.shape != (out_features, lora_a.shape[0]):
-                raise ModelError(
-                    f"adapter {adapter_dir} does not fit {base_gguf.name}: {module} has A{tuple(lora_a.shape)} "
-                    f"B{tuple(lora_b.shape)}, the base weight is {out_features}x{in_features} (other base model?)"
-                )
-            writer.add_tensor(dest + ".lora_a", np.ascontiguousarray(lora_a))
-            writer.add_tensor(dest + ".lora_b", np.ascontiguousarray(lora_b))
+        writer = gguf.GGUFWriter(str(tmp), lora["arch"])
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # 0 = scale 1: PEFT's scaling is already inside B
+        for name, array in lora["tensors"].items():
+            writer.add_tensor(name, array)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        meta_tmp = tmp_out.with_suffix(".json.tmp")
+        os.replace(tmp, target)
+        meta_tmp = tmp.with_suffix(".json")
         meta_tmp.write_text(json.dumps(signature))
-        os.replace(tmp_out, writer_target)
-        os.replace(meta_tmp, writer_target.with_suffix(".json"))
+        os.replace(meta_tmp, target.with_suffix(".json"))  # written last: the signature vouches for a whole file
     finally:
-        for leftover in (tmp_out, tmp_out.with_suffix(".json.tmp")):
-            leftover.unlink(missing_ok=True)
-    log.info("converted adapter %s to %s", adapter_dir, writer_target)
-    return writer_target
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json").unlink(missing_ok=True)
+    log.info("converted the PEFT adapter in %s for llama.cpp: %s", target.parent, target.name)
+    return target
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ class LlamaCppModel:
                 self._adapter, self.adapter_version = None, None
             return
         path = Path(path)
-        converted = convert_peft_adapter(path, self.gguf_path, out_dir=self._fallback_adapter_dir(path))
+        converted = convert_peft_adapter(path, self.gguf_path, self._fallback_adapter_dir(path))
         handle = self._call_in_scheduler(lambda: self._load_adapter(converted))
         with self._cond:
             self._adapter = _Adapter(version or path.name, path, handle)

@@ -394,11 +394,16 @@ class FeedbackStore:
         return records, dict(redactor.counts) if redactor else {}
 
     def _export_rows(self, fmt: str, since_ts: float, clean, meta: bool, records: list[dict]) -> None:
+        # Only the rows and columns this format can use: the rendered prompt is the bulk of a row.
+        wanted = {"dpo": "r.correction IS NOT NULL", "kto": "(r.rating != 0 OR r.correction IS NOT NULL)"}.get(
+            fmt, "(r.rating = 1 OR r.correction IS NOT NULL)")
+        columns = ("t.message_id, t.session_id, t.created_at, t.user_message, t.answer, t.history, t.retrieved, "
+                   "t.template, t.template_version, t.mode, t.model, t.adapter, t.curated"
+                   + (", t.prompt_messages" if fmt == "sharegpt" else ""))
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT t.*, r.rating, r.correction, r.reason, r.updated_at AS rated_at FROM ratings r "
-                "JOIN turns t USING (message_id) WHERE r.updated_at >= ? AND (r.rating != 0 OR r.correction IS NOT NULL) "
-                "ORDER BY r.updated_at",  # the index, no sort: oldest rating first
+                f"SELECT {columns}, r.rating, r.correction, r.reason FROM ratings r JOIN turns t USING (message_id) "
+                f"WHERE r.updated_at >= ? AND {wanted} ORDER BY r.updated_at",  # the index, no sort
                 (since_ts,),
             )
             for row in rows:

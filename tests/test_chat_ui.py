@@ -53,6 +53,11 @@ def ask(page, text: str) -> None:
     page.wait_for_timeout(1500)  # let the stream finish
 
 
+def clear(page) -> None:
+    page.locator("#clear").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length === 0")
+
+
 def last_bot_text(page) -> str:
     return page.locator("#chatbot [data-testid='bot']").last.inner_text()
 
@@ -71,14 +76,14 @@ def test_thumbs_down_correction_is_used_for_the_same_question(page):
     stats = page.bot.feedback.stats()
     assert stats, "the rating should be in the feedback log"
 
-    page.locator("#clear").click()
+    clear(page)
     ask(page, "Can I pay with a gift card?")
     answer = last_bot_text(page)
     assert "gift cards are accepted at checkout" in answer and "Curated answer" in answer
 
 
 def test_talk_to_a_person_hands_the_conversation_over(page):
-    page.locator("#clear").click()
+    clear(page)
     ask(page, "Where is my parcel?")
     page.locator("#handoff").click()
     page.locator("#chatbot").get_by_text("support team has been asked to join").wait_for(timeout=10_000)
