@@ -121,11 +121,12 @@ def synthetic(base: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def bench_synthetic(retriever: Retriever, size: int, n_queries: int, approximate_above: int) -> dict:
+def bench_synthetic(retriever: Retriever, size: int, n_queries: int, approximate_above: int,
+                    kind: str = "ivf") -> dict:
     vectors = synthetic(retriever.data.vectors, size)
     rss_before = rss_mb()
     started = time.perf_counter()
-    index = build_faiss(vectors, approximate_above)
+    index = build_faiss(vectors, approximate_above, kind)
     build = time.perf_counter() - started
     index_mb = rss_mb() - rss_before
     exact = faiss.IndexFlatIP(vectors.shape[1])
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--limit", type=int, help="ingest only the first N FAQs (quick run)")
+    parser.add_argument("--hnsw", action="store_true", help="also build HNSW at the first size (slow on 2 cores)")
     args = parser.parse_args()
     settings = Settings()
     load_at_start = os.getloadavg()
@@ -170,6 +172,10 @@ def main() -> None:
         scaled = []
         for size in args.sizes:
             scaled.append(bench_synthetic(retriever, size, args.queries, settings.retrieval.approximate_above))
+            print("synthetic", json.dumps(scaled[-1]), flush=True)
+        if args.hnsw and args.sizes:
+            scaled.append(bench_synthetic(retriever, args.sizes[0], args.queries,
+                                          settings.retrieval.approximate_above, "hnsw"))
             print("synthetic", json.dumps(scaled[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -57,6 +57,18 @@ class AdapterInfo:
     def gate(self) -> dict:
         return self.metadata.get("gate") or {}
 
+    def gate_report(self) -> dict:
+        """The full gate report (with sample answers), or the summary kept in the metadata."""
+        try:
+            return json.loads((self.path / "gate_report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return self.gate
+
+    @property
+    def loss_curve(self) -> Path | None:
+        path = self.path / "loss_curve.png"
+        return path if path.is_file() else None
+
 
 def atomic_write_json(path: Path, data: dict) -> None:
     """Readers see the old file or the new one, never a torn one, even if this process is killed mid-write."""

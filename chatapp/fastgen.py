@@ -150,16 +150,16 @@ def _lora_tensors_for_gguf(adapter_dir: Path, base_gguf: Path) -> dict:
         dest = tensor_names.get_name(module + ".weight", try_suffixes=(".weight",))
         if dest is None or dest not in base_shapes:
             raise UnsupportedAdapter(f"adapter {adapter_dir}: {base_gguf.name} has no weight for module {module}")
-        if arch_name == "llama" and module.endswith("q_proj"):
-            lora_b = _permute_rope_rows(lora_b, n_head, n_head)
-        elif arch_name == "llama" and module.endswith("k_proj"):
-            lora_b = _permute_rope_rows(lora_b, n_head, n_head_kv)
         in_features, out_features = base_shapes[dest][:2]
         if lora_a.shape[1] != in_features or lora_b.shape != (out_features, rank):
             raise ModelError(
                 f"adapter {adapter_dir} does not fit {base_gguf.name}: {module} has A{tuple(lora_a.shape)} "
                 f"B{tuple(lora_b.shape)} but the base weight is {out_features}x{in_features} (another base model?)"
             )
+        if arch_name == "llama" and module.endswith("q_proj"):
+            lora_b = _permute_rope_rows(lora_b, n_head, n_head)
+        elif arch_name == "llama" and module.endswith("k_proj"):
+            lora_b = _permute_rope_rows(lora_b, n_head, n_head_kv)
         out[dest + ".lora_a"] = np.ascontiguousarray(lora_a)  # (rank, in): ggml ne = [in, rank]
         out[dest + ".lora_b"] = np.ascontiguousarray(lora_b)  # (out, rank): ggml ne = [rank, out]
     if not out:
@@ -599,8 +599,8 @@ def load_fast_model(settings: Settings, model_dir: Path, title: str) -> LlamaCpp
             model_dir,
             title,
             threads=settings.model.threads,
-            sessions=getattr(settings.model, "fast_sessions", 20),
-            context_tokens=getattr(settings.model, "fast_context", 4096),
+            sessions=settings.model.fast_sessions,
+            context_tokens=settings.model.fast_context,
             cache_dir=settings.model_cache_dir,
         )
     except Exception as exc:  # noqa: BLE001 - any failure of the optional fast path means: use the safe one

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import queue
-import re
 import sqlite3
 import sys
 import threading
@@ -318,11 +317,16 @@ class FeedbackStore:
                 "SELECT first_token_ms FROM turns WHERE created_at >= ? AND first_token_ms IS NOT NULL", (since,))]
             total = [v for (v,) in conn.execute(
                 "SELECT total_ms FROM turns WHERE created_at >= ? AND total_ms IS NOT NULL", (since,))]
-            rated = conn.execute(
-                "SELECT t.message_id, t.user_message, t.answer, r.rating, t.created_at FROM ratings r "
-                "JOIN turns t USING (message_id) WHERE t.created_at >= ? AND r.rating != 0 ORDER BY t.created_at",
+            # Same question = same text up to case and surrounding spaces/punctuation. With exactly one max()
+            # aggregate, SQLite takes the bare columns from that row: the latest down-voted answer of the group.
+            most_downvoted = [dict(r) for r in conn.execute(
+                "SELECT t.user_message AS question, sum(r.rating = -1) AS down, sum(r.rating = 1) AS up, "
+                "t.answer AS last_answer, t.message_id, max(CASE WHEN r.rating = -1 THEN t.created_at END) AS last_down "
+                "FROM ratings r JOIN turns t USING (message_id) WHERE t.created_at >= ? AND r.rating != 0 "
+                "GROUP BY lower(trim(t.user_message, ' ?!.' || char(9, 10, 13))) HAVING down > 0 "
+                "ORDER BY down DESC, up ASC, last_down DESC LIMIT 10",
                 (since,),
-            ).fetchall()
+            )]
             requested = conn.execute(
                 "SELECT count(*) FROM handoffs WHERE created_at >= ?", (since,)).fetchone()[0]
             reasons = Counter()
@@ -356,7 +360,7 @@ class FeedbackStore:
                 "measured": len(total),
             },
             "daily": daily,
-            "most_downvoted": _most_downvoted(rated),
+            "most_downvoted": most_downvoted,
             "unsaved": len(self._backlog),
             "health": self.health(),
         }
@@ -712,24 +716,6 @@ def _percentile(values: list[float], pct: float) -> float | None:
     low = int(rank)
     high = min(low + 1, len(values) - 1)
     return values[low] + (values[high] - values[low]) * (rank - low)
-
-
-def _question_key(text: str) -> str:
-    return re.sub(r"\s+", " ", text.casefold()).strip(" ?!.")
-
-
-def _most_downvoted(rows: list[sqlite3.Row], limit: int = 10) -> list[dict]:
-    groups: dict[str, dict] = {}
-    for row in rows:
-        g = groups.setdefault(_question_key(row["user_message"]),
-                              {"question": row["user_message"], "down": 0, "up": 0, "last_answer": "", "message_id": ""})
-        if row["rating"] < 0:
-            g["down"] += 1
-            g["last_answer"], g["message_id"] = row["answer"], row["message_id"]
-        else:
-            g["up"] += 1
-    ranked = sorted((g for g in groups.values() if g["down"]), key=lambda g: (-g["down"], g["up"]))
-    return ranked[:limit]
 
 
 def _conversation(history: list[dict], user_message: str) -> list[dict]:

@@ -937,18 +937,20 @@ def gate_decision(scores: dict[str, dict], tuning: TuningSettings) -> tuple[bool
         items = list(zip(candidate["items"], ref["items"]))
         newly = sum(c["refused"] and not r["refused"] for c, r in items)
         allowed = math.floor(tuning.max_new_refusals * len(items))
-        check("does not refuse what it used to answer", against, newly <= allowed, newly, allowed,
-              f"new refusals <= {tuning.max_new_refusals:.0%} of {len(items)} items")
+        check("does not refuse what it used to answer", against, newly <= allowed, newly,
+              sum(r["refused"] for _, r in items),
+              f"refusals the reference did not make <= {allowed} ({tuning.max_new_refusals:.0%} of {len(items)})")
     return all(c["passed"] for c in checks), checks
 
 
 def run_gate(settings: Settings, model_dir: Path, base_hash: str, prompts, candidate: Path,
-             active: AdapterInfo | None, replay: list[Example], progress: bool = True) -> dict:
+             active: AdapterInfo | None, replay: list[Example], progress: bool = True, embedder=None) -> dict:
     """Score candidate, active and base; decide; return the report saved beside the adapter."""
     started = time.perf_counter()
     golden = golden_items(settings)
     evaluator = Evaluator(settings, model_dir, base_hash, prompts, golden, replay,
                           cache_dir=settings.data_dir / "tuning" / "eval_cache")
+    evaluator._embedder = embedder
     scores: dict[str, dict | None] = {}
     plan = [("base", None)] + ([("active", active.path)] if active else []) + [("candidate", candidate)]
     for name, path in plan:
@@ -986,7 +988,7 @@ def format_gate_report(report: dict) -> str:
     lines += ["", "| check | vs | candidate | reference | rule | result |", "|---|---|---|---|---|---|"]
     for c in report.get("checks", []):
         lines.append(f"| {c['check']} | {c['against']} | {fmt(c['candidate'])} | {fmt(c['reference'])} | {c['rule']} | "
-                     f"{'✅' if c['passed'] else '❌'} |")
+                     f"{'pass' if c['passed'] else '**FAIL**'} |")
     return "\n".join(lines)
 
 
@@ -1015,6 +1017,22 @@ class TuneReport:
 
 def tuning_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "tuning"
+
+
+def training_threads(settings: Settings) -> int:
+    """tuning.threads when set; else the cores not already busy (at least 1). Why: OpenMP threads that wait at a
+    barrier for a descheduled sibling crawl -- on 2 shared cores, 2 threads measured 2-15x slower than 1 while other
+    work ran (the serving app, during a background re-tune)."""
+    if settings.tuning.threads > 0:
+        return settings.tuning.threads
+    cores = settings.model.threads or os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    threads = max(1, min(cores, int(cores - busy + 0.5)))
+    log.info("training with %d thread(s) (%d cores, load %.1f)", threads, cores, busy)
+    return threads
 
 
 @contextmanager
@@ -1156,7 +1174,7 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
 
     started = time.perf_counter()
     tuning = settings.tuning
-    threads = tuning.threads or settings.model.threads
+    threads = training_threads(settings)
     limit = examples or tuning.max_examples
     with tune_lock(settings):
         write_status(settings, phase="preparing")
@@ -1172,6 +1190,7 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
         config = _run_config(settings, base_hash, (template_name, template.version), max_steps, limit)
         config["init_adapter"] = active.version if warm and active else None
         run_dir = _resumable_run(settings, config)
+        embedder = None
         if run_dir is not None:
             dataset = Dataset.load(run_dir / "dataset.json")
             data_info = dataset.info
@@ -1186,7 +1205,9 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            dataset = build_dataset(records, prompts, tokenizer, tuning, retriever=_open_retriever(settings),
+            retriever = _open_retriever(settings)
+            embedder = getattr(retriever, "embedder", None)
+            dataset = build_dataset(records, prompts, tokenizer, tuning, retriever=retriever,
                                     top_k=settings.retrieval.top_k, template=template_name, progress=progress)
             dataset.info.update(collected)
             data_info = dataset.info
@@ -1198,6 +1219,7 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
         _set_current(settings, run_dir, "training")
         write_status(settings, phase="training", run=run_dir.name, step=0)
         init = active.path if (warm and active) else None
+        prepared = time.perf_counter()
         result = train(model_dir, dataset, tuning, run_dir, max_steps=max_steps, threads=threads, progress=progress,
                        init_adapter=init, stop=stop,
                        status=lambda s: write_status(settings, run=run_dir.name, **s))
@@ -1205,7 +1227,8 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
                    "best_val_loss": result.best_val_loss, "final_train_loss": result.final_train_loss,
                    "train_tokens_seen": result.tokens, "train_seconds": round(result.seconds, 1),
                    "tokens_per_second": round(result.tokens_per_second, 1), "stopped_early": result.stopped_early,
-                   "resumed_from_step": result.resumed_from}
+                   "resumed_from_step": result.resumed_from,
+                   "prepare_seconds": round(prepared - started, 1), "threads": threads}
         if result.interrupted:
             _set_current(settings, run_dir, "interrupted")
             write_status(settings, phase="interrupted", run=run_dir.name, step=result.steps)
@@ -1216,7 +1239,8 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
         write_status(settings, phase="gate", run=run_dir.name)
         replay = [e for e in dataset.val if e.origin == "replay" or e.source not in ("feedback-answer", "feedback-correction")]
         gate = run_gate(settings, model_dir, base_hash, prompts, result.best_dir, active,
-                        replay[:tuning.replay_gate_size], progress=progress)
+                        replay[:tuning.replay_gate_size], progress=progress, embedder=embedder)
+        metrics["gate_seconds"] = gate["seconds"]
         for name in ("train_log.json", "loss_curve.png"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, result.best_dir / name)

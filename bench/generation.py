@@ -1,0 +1,528 @@
+"""Generation speed and agreement: the transformers path (issue 2) and the llama.cpp serving path (issue 7).
+
+    .venv/bin/python bench/generation.py                      # everything (~15 min on 2 busy cores)
+    .venv/bin/python bench/generation.py --only speed agreement
+    .venv/bin/python bench/generation.py --adapter var/adapters/v3   # a real tuned adapter instead of a random one
+
+Sections (each runs in its own subprocess, so its peak RSS and thread settings are its own):
+- transformers: cold load (GGUF from the package -> safetensors cache) and warm load (from the cache); time to first
+  token for a 200-token prompt and decode tokens/s, fp32 and bf16, 1 and 2 threads.
+- speed: llama.cpp's plain `Llama` and the project's serving path (`chatapp.fastgen.LlamaCppModel`, LoRA adapter
+  applied) on the same GGUF in one process, alternated three times: TTFT, decode tokens/s, the ratio. `Llama` with the
+  same LoRA is measured too, so the adapter's own cost is visible.
+- agreement: transformers+peft vs llama.cpp+converted LoRA on a fixed prompt set: share of prompts whose first 32
+  greedy tokens are identical, mean common prefix, and teacher-forced top-1 agreement (llama.cpp's argmax at every
+  position of the transformers path's greedy answer).
+- concurrency: 1, 4 and 20 sessions straight on the backend, both as a burst (all press Enter at the same instant)
+  and as staggered chats (random start in the first 3 s, 0.5-2 s between a session's turns): p50/p95 TTFT and
+  aggregate tokens/s.
+- app: the same through the real app (`launch.py`, its Gradio queue, retrieval and prompt templates) with one
+  `gradio_client.Client` per session.
+Every section uses the SmolLM2 default model; llama-cpp-python is installed into this environment if it is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from chatapp.benchutil import machine_info, write_result  # noqa: E402
+from chatapp.config import GenerationSettings, Settings  # noqa: E402
+
+SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
+LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
+SYSTEM = "You are Ava, the support assistant of Acme Outfitters. Answer clearly and politely."
+QUESTIONS = [
+    "How do I return a pair of hiking boots I bought last week?",
+    "My order has not arrived yet. What should I do?",
+    "Can I change the shipping address after I placed an order?",
+    "Do you offer refunds on sale items?",
+    "How do I reset the password of my account?",
+    "What payment methods do you accept?",
+    "Can I exchange a jacket for a different size?",
+    "How long does standard shipping take?",
+    "Is there a warranty on your tents?",
+    "I was charged twice for the same order. Can you help?",
+    "Do you ship to Canada?",
+    "How can I track my package?",
+    "Can I cancel my order?",
+    "What is your price match policy?",
+    "My sleeping bag zipper broke after two trips. What are my options?",
+    "How do I use a gift card on the website?",
+    "Can I pick up my order in a store?",
+    "Why was my discount code rejected?",
+    "How do I unsubscribe from your newsletter?",
+    "Do you have a loyalty program?",
+]
+FILLER = (
+    "For context, I ordered several items from your online store during the autumn sale: a waterproof jacket, two "
+    "pairs of wool socks, a headlamp and a lightweight backpack. The parcel came in a damaged box, one item was missing "
+    "and the invoice shows a different shipping option than the one I picked at checkout. I have my order number and "
+    "the confirmation email, and I would like to sort this out before my trip next month. "
+)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def ensure_llama_cpp() -> None:
+    """Issue 7: if llama-cpp-python is not in this environment, the benchmark installs it (compiles, ~10 min)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print(f"installing {LLAMA_CPP_PIN} into {sys.prefix} (builds llama.cpp from source)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", LLAMA_CPP_PIN], check=True)
+
+
+def model_dir(cache: Path | None = None) -> Path:
+    from chatapp.model import resolve_base_model
+
+    settings = Settings()
+    return resolve_base_model(settings.model, cache or settings.model_cache_dir)
+
+
+def prompt_of(tokenizer, question: str, tokens: int = 200) -> list[dict]:
+    """Chat messages whose templated prompt is exactly `tokens` tokens: the question after as much filler as fits."""
+    words = (FILLER * 20).split()
+    lo, hi = 0, len(words)
+    while lo < hi:  # largest filler prefix that keeps the prompt within `tokens`
+        mid = (lo + hi + 1) // 2
+        messages = [{"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": " ".join(words[:mid]) + "\n\n" + question}]
+        n = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        lo, hi = (mid, hi) if n <= tokens else (lo, mid - 1)
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": " ".join(words[:lo]) + "\n\n" + question}]
+
+
+def make_adapter(base_dir: Path, out: Path) -> Path:
+    """A random but realistic PEFT LoRA (the tuning issue's defaults: r=8, alpha=16, q/k/v/o), non-zero B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def timed_stream(pieces) -> dict:
+    """TTFT and the pieces' arrival times for one streamed answer."""
+    started = time.perf_counter()
+    times, text = [], ""
+    for piece in pieces:
+        times.append(time.perf_counter())
+        text += piece
+    return {"ttft": times[0] - started if times else None, "times": times, "text": text, "end": time.perf_counter()}
+
+
+def decode_rate(n_tokens: int, first: float, last: float) -> float | None:
+    return round((n_tokens - 1) / (last - first), 2) if n_tokens > 1 and last > first else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def section_transformers(args) -> dict:
+    """Issue 2's figures for the transformers path."""
+    from chatapp.model import TransformersModel, resolve_base_model
+
+    settings = Settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        cold_dir = resolve_base_model(settings.model, Path(tmp))
+        TransformersModel(cold_dir, "SmolLM2", dtype="fp32", threads=0)
+        cold = time.perf_counter() - started
+    started = time.perf_counter()
+    warm_dir = model_dir()
+    TransformersModel(warm_dir, "SmolLM2", dtype="fp32", threads=0)
+    warm = time.perf_counter() - started
+    runs = []
+    for dtype in ("fp32", "bf16"):
+        for threads in (1, 2):
+            model = TransformersModel(warm_dir, "SmolLM2", dtype=dtype, threads=threads)
+            messages = prompt_of(model.tokenizer, "Please explain your full return and refund process step by step.")
+            gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
+            list(model.stream(messages, GenerationSettings(max_new_tokens=4, temperature=0.0)))  # warm-up
+            result = timed_stream(model.stream(messages, gen))
+            n = len(model.tokenizer(result["text"], add_special_tokens=False)["input_ids"])
+            runs.append({"dtype": dtype, "threads": threads, "prompt_tokens": model.count_tokens(messages),
+                         "ttft_s": round(result["ttft"], 3), "new_tokens": n,
+                         "decode_tok_s": decode_rate(n, result["times"][0], result["times"][-1])})
+            print(runs[-1], flush=True)
+            del model
+    return {"cold_load_s": round(cold, 2), "warm_load_s": round(warm, 2), "runs": runs, "peak_rss_mb": peak_rss_mb()}
+
+
+def section_speed(args) -> dict:
+    """Plain `Llama` vs the serving path on the same GGUF, alternated in one process."""
+    from llama_cpp import Llama
+
+    from chatapp.fastgen import LlamaCppModel, base_gguf, convert_peft_adapter
+
+    base_dir, gguf_path = model_dir(), base_gguf(Settings())
+    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
+    lora_gguf = convert_peft_adapter(adapter, gguf_path)
+    threads = args.threads or os.cpu_count()
+    started = time.perf_counter()
+    ours = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=threads)
+    ours_load = time.perf_counter() - started
+    ours.set_adapter(adapter, "bench")
+    messages = prompt_of(ours.tokenizer, "Please explain your full return and refund process step by step.")
+    ids = ours.prompt_ids(messages)
+    gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
+    plain = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    plain_lora = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                       lora_path=str(lora_gguf))
+
+    def run_plain(llm) -> dict:
+        llm.reset()
+        eos = llm.token_eos()
+        started, times, tokens = time.perf_counter(), [], []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            times.append(time.perf_counter())
+            if token == eos or len(tokens) >= args.new_tokens:
+                break
+            tokens.append(token)
+        return {"ttft_s": times[0] - started, "new_tokens": len(tokens),
+                "decode_tok_s": decode_rate(len(tokens), times[0], times[len(tokens) - 1])}
+
+    def run_ours() -> dict:
+        result = timed_stream(ours.stream(messages, gen))
+        n = len(ours.tokenizer(result["text"], add_special_tokens=False)["input_ids"])
+        return {"ttft_s": result["ttft"], "new_tokens": n,
+                "decode_tok_s": decode_rate(n, result["times"][0], result["times"][-1])}
+
+    engines = {"llama_plain": lambda: run_plain(plain), "llama_plain_lora": lambda: run_plain(plain_lora),
+               "ours_lora": run_ours}
+    for run in engines.values():
+        run()  # warm-up: first-call allocations are not what a chat sees
+    rounds: dict[str, list[dict]] = {name: [] for name in engines}
+    for i in range(args.rounds):
+        for name, run in engines.items():
+            rounds[name].append(run())
+            print(i, name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rounds[name][-1].items()}, flush=True)
+    summary = {
+        name: {"ttft_s": round(statistics.median(r["ttft_s"] for r in runs), 3),
+               "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in runs), 1),
+               "new_tokens": runs[-1]["new_tokens"]}
+        for name, runs in rounds.items()
+    }
+    ours.close()
+    return {
+        "threads": threads, "prompt_tokens": len(ids), "rounds": args.rounds, "summary": summary,
+        "ratio_vs_plain_llama": round(summary["ours_lora"]["decode_tok_s"] / summary["llama_plain"]["decode_tok_s"], 3),
+        "ratio_vs_plain_llama_with_same_lora": round(
+            summary["ours_lora"]["decode_tok_s"] / summary["llama_plain_lora"]["decode_tok_s"], 3),
+        "serving_path_load_s": round(ours_load, 2), "adapter": str(adapter), "peak_rss_mb": peak_rss_mb(),
+        "raw": rounds,
+    }
+
+
+def section_agreement(args) -> dict:
+    """How closely llama.cpp + the converted LoRA follows transformers + peft, greedy, on a fixed prompt set."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from chatapp.fastgen import LlamaCppModel, base_gguf, convert_peft_adapter
+    from chatapp.model import TransformersModel
+
+    base_dir, gguf_path = model_dir(), base_gguf(Settings())
+    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
+    lora_gguf = convert_peft_adapter(adapter, gguf_path)
+    slow = TransformersModel(base_dir, "SmolLM2", threads=args.threads)
+    fast = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=args.threads, sessions=2, context_tokens=1024)
+    n_new = 32
+    out = {}
+    for label, adapter_path in (("with_adapter", adapter), ("base_only", None)):
+        slow.set_adapter(adapter_path, "bench" if adapter_path else None)
+        fast.set_adapter(adapter_path, "bench" if adapter_path else None)
+        scorer = Llama(str(gguf_path), n_ctx=1024, n_threads=args.threads, logits_all=True, verbose=False,
+                       lora_path=str(lora_gguf) if adapter_path else None)
+        for penalty in (1.0, 1.1):
+            gen = GenerationSettings(max_new_tokens=n_new, temperature=0.0, repetition_penalty=penalty)
+            same, prefixes, top1 = 0, [], []
+            for question in QUESTIONS:
+                messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+                slow_text = "".join(slow.stream(messages, gen))
+                fast_text = "".join(fast.stream(messages, gen))
+                a = slow.tokenizer(slow_text, add_special_tokens=False)["input_ids"]
+                b = slow.tokenizer(fast_text, add_special_tokens=False)["input_ids"]
+                same += a == b
+                prefixes.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+                if penalty == 1.0:  # teacher-forced: llama.cpp's argmax along the transformers path's greedy answer
+                    prompt = slow.prompt_ids(messages)
+                    scorer.reset()
+                    scorer.eval(prompt + a)
+                    predicted = np.array(scorer.scores[len(prompt) - 1 : len(prompt) + len(a) - 1]).argmax(-1)
+                    top1.append(float((predicted == np.array(a)).mean()) if a else 1.0)
+            key = f"{label}_penalty_{penalty}"
+            out[key] = {"prompts": len(QUESTIONS), "new_tokens": n_new,
+                        "identical_first_32_tokens_pct": round(100 * same / len(QUESTIONS), 1),
+                        "mean_common_prefix_tokens": round(statistics.mean(prefixes), 1)}
+            if top1:
+                out[key]["teacher_forced_top1_agreement_pct"] = round(100 * statistics.mean(top1), 1)
+            print(key, out[key], flush=True)
+        del scorer
+    fast.close()
+    return {**out, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_sessions(start_chat, questions: list[str], n: int, turns: int, staggered: bool, seed: int) -> dict:
+    """n sessions at once; each runs `turns` chats; start_chat(question) -> iterator of text (cumulative or pieces)."""
+    rng = random.Random(seed)
+    records: list[dict] = []
+    lock = threading.Lock()
+    begin = time.perf_counter() + 0.2
+    offsets = [rng.uniform(0, 3.0) if staggered else 0.0 for _ in range(n)]
+    pauses = [[rng.uniform(0.5, 2.0) for _ in range(turns)] for _ in range(n)]
+
+    def session(i: int) -> None:
+        time.sleep(max(0.0, begin + offsets[i] - time.perf_counter()))
+        for turn in range(turns):
+            question = questions[(i * turns + turn) % len(questions)]
+            started = time.perf_counter()
+            first, tokens = None, 0
+            for tokens_so_far in start_chat(question):
+                if first is None:
+                    first = time.perf_counter()
+                tokens = tokens_so_far
+            with lock:
+                records.append({"session": i, "ttft": (first or time.perf_counter()) - started, "tokens": tokens,
+                                "start": started, "end": time.perf_counter()})
+            if turn < turns - 1:
+                time.sleep(pauses[i][turn])
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ttfts = [r["ttft"] for r in records]
+    window = max(r["end"] for r in records) - min(r["start"] for r in records)
+    return {"sessions": n, "turns_each": turns, "answers": len(records),
+            "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
+            "ttft_max_s": round(max(ttfts), 3), "aggregate_tok_s": round(sum(r["tokens"] for r in records) / window, 1),
+            "mean_tokens_per_answer": round(statistics.mean(r["tokens"] for r in records), 1)}
+
+
+def summarize_concurrency(results: list[dict]) -> dict:
+    single = next((r["ttft_p50_s"] for r in results if r["sessions"] == 1 and r["mode"] == "burst"), None)
+    for r in results:
+        r["p95_over_single"] = round(r["ttft_p95_s"] / single, 2) if single else None
+    return {"runs": results, "single_session_ttft_s": single}
+
+
+def section_concurrency(args) -> dict:
+    """Sessions straight on the serving path (no web app)."""
+    from chatapp.fastgen import LlamaCppModel, base_gguf
+
+    base_dir, gguf_path = model_dir(), base_gguf(Settings())
+    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
+    model = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=args.threads or os.cpu_count())
+    model.set_adapter(adapter, "bench")
+    gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.3, repetition_penalty=1.1)
+    prompts = {q: prompt_of(model.tokenizer, q) for q in QUESTIONS}
+
+    def start_chat(question: str):
+        text = ""
+        for piece in model.stream(prompts[question], gen):
+            text += piece
+            yield len(text) // 4 or 1  # cheap progress; exact count below
+        yield len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    results = []
+    list(start_chat(QUESTIONS[0]))  # warm-up
+    for n in args.sessions:
+        for mode in ("burst", "staggered"):
+            if n == 1 and mode == "staggered":
+                continue
+            result = run_sessions(start_chat, QUESTIONS, n, 1 if mode == "burst" else 3, mode == "staggered", seed=n)
+            results.append({"mode": mode, **result})
+            print(results[-1], flush=True)
+    model.close()
+    return {**summarize_concurrency(results), "prompt_tokens": 200, "max_new_tokens": args.new_tokens,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def section_app(args) -> dict:
+    """Sessions through the real app: launch.py in a subprocess, one gradio_client.Client per session."""
+    from gradio_client import Client
+    from transformers import AutoTokenizer
+
+    base_dir = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-app-"))
+    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, data_dir / "bench-adapter")
+    # The shared converted model cache, so the app starts warm.
+    (data_dir / "models").symlink_to(Settings().model_cache_dir.resolve(), target_is_directory=True)
+    port = free_port()
+    log_path = data_dir / "app.log"
+    command = [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--data-dir", str(data_dir),
+               "--backend", args.app_backend, "--adapter", str(adapter)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    with open(log_path, "w") as log_file:
+        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.time() + 900
+        while "Chat app ready" not in log_path.read_text():
+            if app.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        url = f"http://127.0.0.1:{port}/"
+        clients = [Client(url, verbose=False) for _ in range(max(args.sessions))]
+        local = threading.local()
+        counter = iter(range(10**9))
+        counter_lock = threading.Lock()
+
+        def start_chat(question: str):
+            if not hasattr(local, "client"):
+                with counter_lock:
+                    local.client = clients[next(counter) % len(clients)]
+            job = local.client.submit(question, "auto", 0.3, args.new_tokens, api_name="/chat")
+            text = ""
+            for output in job:
+                bubbles = output[0] if output else []
+                if bubbles and bubbles[-1].get("role") == "assistant":
+                    content = bubbles[-1]["content"]
+                    content = content if isinstance(content, str) else str(content)
+                    text = content.split("\n\n<sub>")[0]
+                    if text not in ("…", ""):
+                        yield 1
+            yield len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        results = []
+        list(start_chat(QUESTIONS[0]))  # warm-up (index, first prompt render)
+        for n in args.sessions:
+            for mode in ("burst", "staggered"):
+                if n == 1 and mode == "staggered":
+                    continue
+                local.__dict__.clear()
+                counter = iter(range(10**9))
+                result = run_sessions(start_chat, QUESTIONS, n, 1 if mode == "burst" else 3, mode == "staggered", seed=n)
+                results.append({"mode": mode, **result})
+                print(results[-1], flush=True)
+        backend_line = next((line for line in log_path.read_text().splitlines() if "serving" in line or "falling back" in line), "")
+        return {**summarize_concurrency(results), "backend": args.app_backend, "app_log_backend_line": backend_line,
+                "note": "TTFT here includes retrieval, prompt rendering and Gradio's streaming"}
+    finally:
+        app.terminate()
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--adapter", help="a PEFT LoRA folder to serve (default: a random r=8 q/k/v/o adapter)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])
+    parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    args = parser.parse_args(argv)
+
+    if args.section:
+        result = globals()[f"section_{args.section}"](args)
+        print("RESULT " + json.dumps(result, default=str), flush=True)
+        return 0
+
+    if any(s != "transformers" for s in args.only):
+        ensure_llama_cpp()
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "section"}}
+    for section in args.only:
+        print(f"== {section}", flush=True)
+        forwarded = _strip_only(argv if argv is not None else sys.argv[1:])
+        proc = subprocess.run([sys.executable, __file__, "--section", section, *forwarded],
+                              capture_output=True, text=True)
+        sys.stdout.write("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("RESULT ")) + "\n")
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            results[section] = {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+            continue
+        results[section] = json.loads(line[len("RESULT "):])
+    results["targets"] = targets(results)
+    write_result("generation", results)
+    return 0
+
+
+def _strip_only(argv: list[str]) -> list[str]:
+    """The command line minus `--only a b c`, handed to each section's subprocess."""
+    out, skipping = [], False
+    for arg in argv:
+        if arg == "--only":
+            skipping = True
+            continue
+        if skipping and not arg.startswith("--"):
+            continue
+        skipping = False
+        out.append(arg)
+    return out
+
+
+def targets(results: dict) -> dict:
+    """The issues' targets next to the measured figures."""
+    out = {}
+    tr = results.get("transformers", {})
+    if "warm_load_s" in tr:
+        best = max(tr["runs"], key=lambda r: r["decode_tok_s"] or 0)
+        out["issue2_warm_load_le_5s"] = tr["warm_load_s"] <= 5
+        out["issue2_ttft_le_1s"] = min(r["ttft_s"] for r in tr["runs"]) <= 1
+        out["issue2_decode_ge_20_tok_s"] = (best["decode_tok_s"] or 0) >= 20
+    sp = results.get("speed", {})
+    if "ratio_vs_plain_llama" in sp:
+        out["issue7_ratio_ge_0.8"] = sp["ratio_vs_plain_llama"] >= 0.8
+        out["issue7_ttft_le_0.5s"] = sp["summary"]["ours_lora"]["ttft_s"] <= 0.5
+    for name in ("concurrency", "app"):
+        runs = results.get(name, {}).get("runs", [])
+        for r in runs:
+            if r["sessions"] == 20 and r.get("p95_over_single") is not None:
+                out[f"issue7_{name}_20_{r['mode']}_p95_le_3x_single"] = r["p95_over_single"] <= 3
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

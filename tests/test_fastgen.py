@@ -1,0 +1,301 @@
+"""The llama.cpp serving path on the real SmolLM2 GGUF: LoRA conversion vs peft, agreement with the transformers path,
+adapter hot swap and caching, stop/cancel, bad adapters, and the fallback to transformers when llama.cpp is missing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup builds it)")
+
+from chatapp.config import REPO_ROOT, GenerationSettings, ModelSettings, Settings  # noqa: E402
+from chatapp.fastgen import (  # noqa: E402
+    LlamaCppModel,
+    UnsupportedAdapter,
+    base_gguf,
+    convert_peft_adapter,
+    load_fast_model,
+)
+from chatapp.model import ModelError, TransformersModel  # noqa: E402
+
+GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, repetition_penalty=1.1)
+QUESTIONS = [
+    "How do I return a pair of hiking boots I bought last week?",
+    "My order has not arrived yet. What should I do?",
+    "Can I change the shipping address after I placed an order?",
+    "Do you offer refunds on sale items?",
+    "How do I reset the password of my account?",
+    "What payment methods do you accept?",
+]
+
+
+def chat(question: str) -> list[dict]:
+    return [{"role": "system", "content": "You are Ava, a helpful support assistant for Acme Outfitters."},
+            {"role": "user", "content": question}]
+
+
+def make_peft_adapter(model_dir: Path, out: Path, seed: int, std: float, modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                      **lora_options) -> Path:
+    """A real PEFT LoRA on the real base, with random non-zero B so it visibly changes the answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(modules), lora_dropout=0.0, **lora_options)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return base_gguf(Settings())
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2_dir: Path, tmp_path_factory) -> Path:
+    return make_peft_adapter(smollm2_dir, tmp_path_factory.mktemp("adapter"), seed=0, std=0.05)
+
+
+@pytest.fixture(scope="module")
+def fast(gguf_path: Path, smollm2_dir: Path, tmp_path_factory):
+    model = LlamaCppModel(gguf_path, smollm2_dir, "SmolLM2", threads=2, sessions=4, context_tokens=1024,
+                          cache_dir=tmp_path_factory.mktemp("cache"))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def slow_path(smollm2_dir: Path) -> TransformersModel:
+    return TransformersModel(smollm2_dir, "SmolLM2", threads=2)
+
+
+def answer(model, question: str, gen: GenerationSettings = GREEDY) -> str:
+    return "".join(model.stream(chat(question), gen))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The adapter conversion
+
+
+def test_converted_lora_gives_the_logits_peft_gives(smollm2_dir: Path, gguf_path: Path, tmp_path: Path):
+    """Teacher-forced: llama.cpp + the converted GGUF LoRA moves the logits the way peft's adapter moves them."""
+    from llama_cpp import Llama
+    from peft import PeftModel
+
+    strong = make_peft_adapter(smollm2_dir, tmp_path / "strong", seed=1, std=0.1)
+    converted = convert_peft_adapter(strong, gguf_path)
+    slow = TransformersModel(smollm2_dir, "SmolLM2", threads=2)
+    ids = slow.prompt_ids(chat(QUESTIONS[0])) + slow.tokenizer(" You can return them within 30 days.")["input_ids"]
+    with torch.inference_mode():
+        hf_base = slow.base(torch.tensor([ids])).logits[0].numpy()
+        hf_lora = PeftModel.from_pretrained(slow.base, str(strong)).eval()(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_logits(lora_path):
+        llm = Llama(str(gguf_path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, lora_path=lora_path)
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)])
+
+    cpp_base, cpp_lora = llama_logits(None), llama_logits(str(converted))
+    shift_hf, shift_cpp = (hf_lora - hf_base).ravel(), (cpp_lora - cpp_base).ravel()
+    assert np.abs(shift_hf).mean() > 1.0, "the test adapter should change the model a lot"
+    assert np.corrcoef(shift_hf, shift_cpp)[0, 1] > 0.95, "llama.cpp applies a different LoRA than peft"
+    assert (cpp_lora.argmax(-1) == hf_lora.argmax(-1)).mean() >= 0.9
+
+
+def test_conversion_is_cached_in_the_adapter_folder_and_redone_when_retrained(adapter: Path, gguf_path: Path, tmp_path):
+    first = convert_peft_adapter(adapter, gguf_path)
+    assert first.parent == adapter and first.suffix == ".gguf"
+    assert not [p for p in adapter.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    stamp = first.stat().st_mtime_ns
+    assert convert_peft_adapter(adapter, gguf_path) == first and first.stat().st_mtime_ns == stamp, "converted twice"
+
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (retrained / name).write_bytes((adapter / name).read_bytes())
+    once = convert_peft_adapter(retrained, gguf_path)
+    time.sleep(0.01)
+    (retrained / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    again = convert_peft_adapter(retrained, gguf_path)
+    assert again == once and again.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_read_only_adapter_folder_is_converted_into_the_fallback(adapter: Path, gguf_path: Path, tmp_path: Path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (ro / name).write_bytes((adapter / name).read_bytes())
+    ro.chmod(0o555)
+    try:
+        out = convert_peft_adapter(ro, gguf_path, tmp_path / "fallback")
+        assert out.parent == tmp_path / "fallback"
+    finally:
+        ro.chmod(0o755)
+
+
+def test_bad_adapters_are_refused_with_a_clear_message(tiny_model_dir: Path, gguf_path: Path, tmp_path: Path, adapter):
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        convert_peft_adapter(tmp_path / "nothing-here", gguf_path)
+    other_base = make_peft_adapter(tiny_model_dir, tmp_path / "tiny-adapter", seed=0, std=0.1)
+    with pytest.raises(ModelError, match="does not fit"):
+        convert_peft_adapter(other_base, gguf_path)
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text()) | {"use_dora": True}
+    (dora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedAdapter, match="use_dora"):
+        convert_peft_adapter(dora, gguf_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Serving
+
+
+def test_greedy_answers_with_the_adapter_match_the_transformers_path(fast: LlamaCppModel, slow_path, adapter: Path):
+    """The promoted adapter reaches llama.cpp with no manual step, and both paths then write the same answers."""
+    fast.set_adapter(adapter, "v-test")
+    slow_path.set_adapter(adapter, "v-test")
+    try:
+        assert "v-test" in fast.description and fast.adapter_version == "v-test"
+        pairs = [(answer(fast, q), answer(slow_path, q)) for q in QUESTIONS]
+    finally:
+        fast.set_adapter(None)
+        slow_path.set_adapter(None)
+    same = sum(a == b for a, b in pairs)
+    assert all(a.strip() for a, _ in pairs), "llama.cpp returned an empty answer"
+    assert same >= len(QUESTIONS) - 1, f"only {same}/{len(QUESTIONS)} greedy answers agree: {pairs}"
+    assert answer(fast, QUESTIONS[0]) != pairs[0][0], "the adapter did not change the answer"
+
+
+def test_an_answer_in_flight_keeps_its_adapter_while_a_new_one_is_promoted(fast: LlamaCppModel, adapter: Path):
+    gen = GenerationSettings(max_new_tokens=48, temperature=0.0, repetition_penalty=1.1)
+    base_answer = answer(fast, QUESTIONS[1], gen)
+    fast.set_adapter(adapter, "v-new")
+    adapter_answer = answer(fast, QUESTIONS[1], gen)
+    fast.set_adapter(None)
+    assert base_answer != adapter_answer
+
+    stream = fast.stream(chat(QUESTIONS[1]), gen)
+    pieces = [next(stream)]
+    fast.set_adapter(adapter, "v-new")  # promoted mid-answer
+    during = answer(fast, QUESTIONS[1], gen)  # a new answer starts on the new adapter while the old one runs
+    pieces += list(stream)
+    fast.set_adapter(None)
+    assert "".join(pieces) == base_answer, "the answer in flight switched adapters"
+    assert during == adapter_answer
+
+
+def test_stop_event_and_closing_the_stream_end_the_answer_and_free_the_session(fast: LlamaCppModel):
+    long = GenerationSettings(max_new_tokens=400, temperature=0.0, repetition_penalty=1.1)
+    stop = threading.Event()
+    pieces = []
+    started = time.perf_counter()
+    for piece in fast.stream(chat("Write a long story about a lost parcel."), long, stop):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+    assert len(pieces) <= 5 and time.perf_counter() - started < 20
+
+    for _ in range(fast.sessions + 2):  # more abandoned streams than sessions: each must give its session back
+        stream = fast.stream(chat("Tell me about your return policy."), long)
+        next(stream)
+        stream.close()
+    assert answer(fast, QUESTIONS[2]).strip(), "sessions leaked: a new answer could not start"
+    assert not fast._active and len(fast._free_seqs) == fast.sessions
+
+
+def test_too_long_prompt_is_a_clear_error(fast: LlamaCppModel):
+    with pytest.raises(ModelError, match="context"):
+        list(fast.stream(chat("refund " * 2000), GREEDY))
+
+
+def test_sampling_settings_are_honoured(fast: LlamaCppModel):
+    short = GenerationSettings(max_new_tokens=5, temperature=0.0, repetition_penalty=1.0)
+    assert len(fast.tokenizer(answer(fast, QUESTIONS[3], short))["input_ids"]) <= 6
+    warm = GenerationSettings(max_new_tokens=24, temperature=1.2, top_p=0.95, repetition_penalty=1.1)
+    samples = {answer(fast, QUESTIONS[3], warm) for _ in range(3)}
+    assert len(samples) > 1, "temperature > 0 should sample different answers"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Choosing the backend
+
+
+def test_load_model_serves_the_default_profile_with_llamacpp(smollm2_dir: Path, adapter: Path, caplog):
+    from chatapp.model import load_model
+
+    settings = Settings(data_dir=smollm2_dir.parent.parent)  # model_cache_dir = the shared converted copy
+    settings.model.backend, settings.model.threads = "auto", 2
+    settings.model.fast_sessions, settings.model.fast_context = 2, 512
+    settings.model.adapter = str(adapter)
+    model = load_model(settings)
+    try:
+        assert isinstance(model, LlamaCppModel)
+        assert model.adapter_version == adapter.name and "llama.cpp" in model.description
+        assert answer(model, QUESTIONS[0]).strip()
+    finally:
+        model.close()
+
+
+def test_non_gguf_model_falls_back_to_transformers_with_a_warning(tiny_model_dir: Path, tmp_path: Path, caplog):
+    from chatapp.model import load_model
+
+    settings = Settings(data_dir=tmp_path)
+    settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "llamacpp", 2
+    with caplog.at_level("WARNING"):
+        model = load_model(settings)
+    assert isinstance(model, TransformersModel)
+    assert "not a GGUF file" in caplog.text and "falling back to the transformers backend" in caplog.text
+
+
+def test_missing_llama_cpp_falls_back_to_transformers_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path):
+    """A failed llama-cpp-python build looks like a failing import: the app must still answer, and say why."""
+    script = f"""
+import logging, sys
+sys.modules["llama_cpp"] = None  # what a missing or broken build looks like to Python
+logging.basicConfig(level=logging.WARNING)
+from chatapp.config import Settings, GenerationSettings
+from chatapp.model import load_model
+settings = Settings(data_dir={str(tmp_path)!r})
+settings.model.name, settings.model.backend, settings.model.threads = {str(tiny_model_dir)!r}, "auto", 1
+model = load_model(settings)
+print(type(model).__name__)
+print(repr("".join(model.stream([{{"role": "user", "content": "hi"}}], GenerationSettings(max_new_tokens=4)))))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == "TransformersModel"
+    assert "llama-cpp-python is not installed or failed to build" in result.stderr
+    assert "falling back to the transformers backend" in result.stderr
+
+
+def test_unsupported_adapter_at_startup_falls_back_to_transformers(smollm2_dir: Path, adapter: Path, tmp_path, caplog):
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    (dora / "adapter_config.json").write_text(
+        json.dumps(json.loads((adapter / "adapter_config.json").read_text()) | {"use_dora": True})
+    )
+    settings = Settings(data_dir=tmp_path)
+    settings.model.threads, settings.model.fast_sessions, settings.model.fast_context = 1, 1, 256
+    settings.model.adapter = str(dora)
+    with caplog.at_level("WARNING"):
+        assert load_fast_model(settings, smollm2_dir, "SmolLM2") is None
+    assert "cannot serve adapter" in caplog.text and "use_dora" in caplog.text
