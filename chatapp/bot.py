@@ -298,8 +298,13 @@ class Bot:
         """Store a rating; a correction also goes into the example bank at once, so the same question gets it next."""
         if self.feedback is None:
             raise RuntimeError("the feedback log is unavailable; the rating was not stored")
-        correction = (correction or "").strip() or None
-        self.feedback.rate(message_id, rating, correction=correction, reason=(reason or "").strip() or None, user=user)
+        from chatapp.feedback import FeedbackUnavailable
+
+        correction = correction if correction and correction.strip() else None  # stored as given
+        try:
+            self.feedback.rate(message_id, rating, correction=correction, reason=reason or None, user=user)
+        except FeedbackUnavailable as exc:  # kept in the spill file and saved once the database is back
+            return f"⚠️ {exc}"
         if correction and self.prompts is not None:
             turn = self.feedback.turn(message_id)
             if turn:

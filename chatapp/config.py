@@ -81,6 +81,7 @@ class TuningSettings:
     max_seq_len: int = 320  # longer examples are re-rendered with less history/context, else dropped
     replay_ratio: float = 0.5  # share of a re-tune's examples drawn from earlier training data
     seed_examples: int = 400
+    faq_share: float = 0.4  # at most this share of seed examples are single-turn FAQ answers (they are terse)
     gate_margin: float = 0.02
     # --- added by the tuning module (chatapp/tuning.py documents each)
     lora_layers: int = 0  # LoRA only on the last N decoder layers (0 = all): backward stops below them, faster
@@ -140,6 +141,9 @@ class Settings:
     tuning: TuningSettings = field(default_factory=TuningSettings)
     ui: UISettings = field(default_factory=UISettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
 
     # Where each kind of runtime state lives; all under data_dir, never in the source tree.
     @property
