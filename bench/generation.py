@@ -134,6 +134,17 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
     return out
 
 
+def serving_model(args, base_dir: Path, **options):
+    """The project's serving path exactly as load_fast_model builds it (re-encoded weights, source GGUF for LoRAs)."""
+    from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf
+
+    settings = Settings()
+    source = base_gguf(settings)
+    served = serving_gguf(source, settings.model_cache_dir, args.weights)
+    options.setdefault("threads", args.threads or os.cpu_count())
+    return LlamaCppModel(served, base_dir, "SmolLM2", cache_dir=settings.model_cache_dir, source_gguf=source, **options)
+
+
 def timed_stream(pieces) -> dict:
     """TTFT and the pieces' arrival times for one streamed answer."""
     started = time.perf_counter()
@@ -187,14 +198,14 @@ def section_speed(args) -> dict:
     """Plain `Llama` vs the serving path on the same GGUF, alternated in one process."""
     from llama_cpp import Llama
 
-    from chatapp.fastgen import LlamaCppModel, base_gguf, convert_peft_adapter
+    from chatapp.fastgen import base_gguf, convert_peft_adapter
 
     base_dir, gguf_path = model_dir(), base_gguf(Settings())
     adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
     lora_gguf = convert_peft_adapter(adapter, gguf_path)
     threads = args.threads or os.cpu_count()
     started = time.perf_counter()
-    ours = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=threads)
+    ours = serving_model(args, base_dir)
     ours_load = time.perf_counter() - started
     ours.set_adapter(adapter, "bench")
     messages = prompt_of(ours.tokenizer, "Please explain your full return and refund process step by step.")
@@ -203,6 +214,8 @@ def section_speed(args) -> dict:
     plain = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
     plain_lora = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
                        lora_path=str(lora_gguf))
+    plain_served = Llama(str(ours.gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
+                         lora_path=str(lora_gguf))
 
     def run_plain(llm) -> dict:
         llm.reset()
@@ -223,7 +236,7 @@ def section_speed(args) -> dict:
                 "decode_tok_s": decode_rate(n, result["times"][0], result["times"][-1])}
 
     engines = {"llama_plain": lambda: run_plain(plain), "llama_plain_lora": lambda: run_plain(plain_lora),
-               "ours_lora": run_ours}
+               "llama_plain_served_weights_lora": lambda: run_plain(plain_served), "ours_lora": run_ours}
     for run in engines.values():
         run()  # warm-up: first-call allocations are not what a chat sees
     rounds: dict[str, list[dict]] = {name: [] for name in engines}
@@ -243,7 +256,8 @@ def section_speed(args) -> dict:
         "ratio_vs_plain_llama": round(summary["ours_lora"]["decode_tok_s"] / summary["llama_plain"]["decode_tok_s"], 3),
         "ratio_vs_plain_llama_with_same_lora": round(
             summary["ours_lora"]["decode_tok_s"] / summary["llama_plain_lora"]["decode_tok_s"], 3),
-        "serving_path_load_s": round(ours_load, 2), "adapter": str(adapter), "peak_rss_mb": peak_rss_mb(),
+        "serving_path_load_s": round(ours_load, 2), "served_weights": ours.description, "adapter": str(adapter),
+        "peak_rss_mb": peak_rss_mb(),
         "raw": rounds,
     }
 
@@ -253,20 +267,21 @@ def section_agreement(args) -> dict:
     import numpy as np
     from llama_cpp import Llama
 
-    from chatapp.fastgen import LlamaCppModel, base_gguf, convert_peft_adapter
+    from chatapp.fastgen import base_gguf, convert_peft_adapter
     from chatapp.model import TransformersModel
 
     base_dir, gguf_path = model_dir(), base_gguf(Settings())
     adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
     lora_gguf = convert_peft_adapter(adapter, gguf_path)
-    slow = TransformersModel(base_dir, "SmolLM2", threads=args.threads)
-    fast = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=args.threads, sessions=2, context_tokens=1024)
+    threads = args.threads or os.cpu_count()
+    slow = TransformersModel(base_dir, "SmolLM2", threads=threads)
+    fast = serving_model(args, base_dir, sessions=2, context_tokens=1024)
     n_new = 32
     out = {}
     for label, adapter_path in (("with_adapter", adapter), ("base_only", None)):
         slow.set_adapter(adapter_path, "bench" if adapter_path else None)
         fast.set_adapter(adapter_path, "bench" if adapter_path else None)
-        scorer = Llama(str(gguf_path), n_ctx=1024, n_threads=args.threads, logits_all=True, verbose=False,
+        scorer = Llama(str(fast.gguf_path), n_ctx=1024, n_threads=threads, logits_all=True, verbose=False,
                        lora_path=str(lora_gguf) if adapter_path else None)
         for penalty in (1.0, 1.1):
             gen = GenerationSettings(max_new_tokens=n_new, temperature=0.0, repetition_penalty=penalty)
@@ -294,7 +309,7 @@ def section_agreement(args) -> dict:
             print(key, out[key], flush=True)
         del scorer
     fast.close()
-    return {**out, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
+    return {**out, "served_weights": fast.description, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
 
 
 def run_sessions(start_chat, questions: list[str], n: int, turns: int, staggered: bool, seed: int) -> dict:
@@ -344,11 +359,9 @@ def summarize_concurrency(results: list[dict]) -> dict:
 
 def section_concurrency(args) -> dict:
     """Sessions straight on the serving path (no web app)."""
-    from chatapp.fastgen import LlamaCppModel, base_gguf
-
-    base_dir, gguf_path = model_dir(), base_gguf(Settings())
+    base_dir = model_dir()
     adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
-    model = LlamaCppModel(gguf_path, base_dir, "SmolLM2", threads=args.threads or os.cpu_count())
+    model = serving_model(args, base_dir)
     model.set_adapter(adapter, "bench")
     gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.3, repetition_penalty=1.1)
     prompts = {q: prompt_of(model.tokenizer, q) for q in QUESTIONS}
@@ -397,8 +410,12 @@ def section_app(args) -> dict:
                "--backend", args.app_backend, "--adapter", str(adapter)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    config = data_dir / "bench.toml"
+    config.write_text(f'[model]\nfast_weights = "{args.weights}"\n')
+    command += ["--config", str(config)]
     with open(log_path, "w") as log_file:
-        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         deadline = time.time() + 900
         while "Chat app ready" not in log_path.read_text():
@@ -458,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="a PEFT LoRA folder to serve (default: a random r=8 q/k/v/o adapter)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--weights", default="f16", choices=["f16", "q8_0", "as-is"], help="model.fast_weights")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from chatapp.config import Settings
 from chatapp.embeddings import Embedder, load_embedder
-from chatapp.knowledge import Chunk, FileScan, Problems, parse_file, read_text, scan_folder
+from chatapp.knowledge import Chunk, Problems, parse_file, read_text, scan_folder
 
 log = logging.getLogger(__name__)
 

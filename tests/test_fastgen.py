@@ -23,6 +23,7 @@ from chatapp.fastgen import (  # noqa: E402
     base_gguf,
     convert_peft_adapter,
     load_fast_model,
+    serving_gguf,
 )
 from chatapp.model import ModelError, TransformersModel  # noqa: E402
 
@@ -71,9 +72,15 @@ def adapter(smollm2_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fast(gguf_path: Path, smollm2_dir: Path, tmp_path_factory):
-    model = LlamaCppModel(gguf_path, smollm2_dir, "SmolLM2", threads=2, sessions=4, context_tokens=1024,
-                          cache_dir=tmp_path_factory.mktemp("cache"))
+def served_gguf(gguf_path: Path, smollm2_dir: Path) -> Path:
+    """What the app serves: the package's GGUF re-encoded once (cached beside the converted model)."""
+    return serving_gguf(gguf_path, smollm2_dir.parent, "f16")
+
+
+@pytest.fixture(scope="module")
+def fast(served_gguf: Path, gguf_path: Path, smollm2_dir: Path, tmp_path_factory):
+    model = LlamaCppModel(served_gguf, smollm2_dir, "SmolLM2", threads=2, sessions=4, context_tokens=1024,
+                          cache_dir=tmp_path_factory.mktemp("cache"), source_gguf=gguf_path)
     yield model
     model.close()
 
@@ -183,6 +190,27 @@ def test_greedy_answers_with_the_adapter_match_the_transformers_path(fast: Llama
     assert answer(fast, QUESTIONS[0]) != pairs[0][0], "the adapter did not change the answer"
 
 
+def test_the_scheduler_decodes_exactly_like_plain_llama_cpp(fast: LlamaCppModel, served_gguf: Path, adapter: Path):
+    """Same weights, same converted LoRA: the batched scheduler must produce llama.cpp's own greedy tokens."""
+    from llama_cpp import Llama
+
+    gen = GenerationSettings(max_new_tokens=32, temperature=0.0, repetition_penalty=1.0)
+    lora = convert_peft_adapter(adapter, fast.source_gguf)
+    plain = Llama(str(served_gguf), n_ctx=1024, n_threads=2, verbose=False, lora_path=str(lora))
+    fast.set_adapter(adapter, "v-test")
+    try:
+        for question in QUESTIONS[:3]:
+            ids = fast.prompt_ids(chat(question))
+            tokens = []
+            for token in plain.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                if token == plain.token_eos() or len(tokens) == gen.max_new_tokens:
+                    break
+                tokens.append(token)
+            assert answer(fast, question, gen) == plain.detokenize(tokens).decode("utf-8", "replace")
+    finally:
+        fast.set_adapter(None)
+
+
 def test_an_answer_in_flight_keeps_its_adapter_while_a_new_one_is_promoted(fast: LlamaCppModel, adapter: Path):
     gen = GenerationSettings(max_new_tokens=48, temperature=0.0, repetition_penalty=1.1)
     base_answer = answer(fast, QUESTIONS[1], gen)
@@ -272,7 +300,8 @@ sys.modules["llama_cpp"] = None  # what a missing or broken build looks like to 
 logging.basicConfig(level=logging.WARNING)
 from chatapp.config import Settings, GenerationSettings
 from chatapp.model import load_model
-settings = Settings(data_dir={str(tmp_path)!r})
+from pathlib import Path
+settings = Settings(data_dir=Path({str(tmp_path)!r}))
 settings.model.name, settings.model.backend, settings.model.threads = {str(tiny_model_dir)!r}, "auto", 1
 model = load_model(settings)
 print(type(model).__name__)

@@ -10,7 +10,7 @@ import pytest
 
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.embeddings import load_embedder
-from chatapp.retrieval import IndexStore, Retriever, asks_for_human, ingest
+from chatapp.retrieval import IndexStore, Retriever, asks_for_human
 
 DSTC11 = REPO_ROOT.parent / "shared" / "data" / "dstc11_track5"
 
