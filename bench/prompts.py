@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -39,30 +38,14 @@ from chatapp.prompts import PromptManager  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "dstc11_track5"
 
+from chatapp.tuning import rouge_l  # noqa: E402  (one ROUGE-L for the gate and this benchmark)
+
 
 def bank_rows() -> int:
     spec = importlib.util.spec_from_file_location("build_examples", ROOT / "prompts" / "build_examples.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.DSTC11_BANK_ROWS
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens (longest common subsequence), as rouge-score computes it."""
-    a, b = re.findall(r"\w+", candidate.lower()), re.findall(r"\w+", reference.lower())
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
 
 
 def percentiles(values: list[float]) -> dict:
