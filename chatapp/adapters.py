@@ -104,6 +104,7 @@ class AdapterRegistry:
         self._cache_state: dict = {"active": None, "previous": []}
         self._metadata: dict[str, dict] = {}  # versions are immutable, so their metadata is cached forever
         self._read_lock = threading.Lock()
+        self._missing_reported: str | None = None
 
     # ---- reading
 
@@ -154,7 +155,9 @@ class AdapterRegistry:
         try:
             return self.get(version)
         except AdapterError:
-            log.error("the active adapter %s is missing or incomplete: answering with the base model", version)
+            if self._missing_reported != version:  # once, not before every answer
+                log.error("the active adapter %s is missing or incomplete: answering with the base model", version)
+                self._missing_reported = version
             return None
 
     def list(self) -> list[AdapterInfo]:
