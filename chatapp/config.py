@@ -24,7 +24,7 @@ class ModelSettings:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
     fast_sessions: int = 20  # llama.cpp backend: chats decoded together (more wait for a free slot)
     fast_context: int = 4096  # llama.cpp backend: tokens of context per chat (KV cache = sessions x context)
-    fast_weights: Literal["f16", "q8_0", "as-is"] = "f16"  # llama.cpp backend: GGUF re-encoded once (bench/generation.py)
+    fast_weights: Literal["q8_0", "f16", "as-is"] = "q8_0"  # llama.cpp backend: GGUF re-encoded once for speed (f16: closest to transformers)
     openai_base_url: str = "http://127.0.0.1:8080/v1"
     openai_model: str = "default"
     openai_api_key: str = ""

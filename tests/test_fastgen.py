@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup builds it)")
+pytestmark = pytest.mark.slow  # the real default model
 
 from chatapp.config import REPO_ROOT, GenerationSettings, ModelSettings, Settings  # noqa: E402
 from chatapp.fastgen import (  # noqa: E402
@@ -73,8 +74,8 @@ def adapter(smollm2_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served_gguf(gguf_path: Path, smollm2_dir: Path) -> Path:
-    """What the app serves: the package's GGUF re-encoded once (cached beside the converted model)."""
-    return serving_gguf(gguf_path, smollm2_dir.parent, "f16")
+    """What the app serves by default: the package's GGUF re-encoded once (cached beside the converted model)."""
+    return serving_gguf(gguf_path, smollm2_dir.parent, Settings().model.fast_weights)
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +142,22 @@ def test_conversion_is_cached_in_the_adapter_folder_and_redone_when_retrained(ad
     assert again == once and again.stat().st_mtime_ns != stamp
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
 def test_read_only_adapter_folder_is_converted_into_the_fallback(adapter: Path, gguf_path: Path, tmp_path: Path):
     ro = tmp_path / "ro"
     ro.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (ro / name).write_bytes((adapter / name).read_bytes())
     ro.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    if os.geteuid() == 0 and not immutable:
+        pytest.skip("running as root without chattr: nothing here is read-only")
     try:
         out = convert_peft_adapter(ro, gguf_path, tmp_path / "fallback")
-        assert out.parent == tmp_path / "fallback"
+        assert out.parent == tmp_path / "fallback" and out.is_file()
+        assert convert_peft_adapter(ro, gguf_path, tmp_path / "fallback") == out
     finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ro)], check=True)
         ro.chmod(0o755)
 
 
@@ -174,8 +180,16 @@ def test_bad_adapters_are_refused_with_a_clear_message(tiny_model_dir: Path, ggu
 # Serving
 
 
-def test_greedy_answers_with_the_adapter_match_the_transformers_path(fast: LlamaCppModel, slow_path, adapter: Path):
-    """The promoted adapter reaches llama.cpp with no manual step, and both paths then write the same answers."""
+def common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_greedy_answers_with_the_adapter_follow_the_transformers_path(fast: LlamaCppModel, slow_path, adapter: Path):
+    """The promoted adapter reaches llama.cpp with no manual step, and the answers then start like transformers'.
+
+    Q8_0 weights quantize activations to int8, so greedy answers drift apart after a while at near-ties; the
+    opening of every answer must still agree (bench/generation.py measures the full agreement figures).
+    """
     fast.set_adapter(adapter, "v-test")
     slow_path.set_adapter(adapter, "v-test")
     try:
@@ -184,10 +198,25 @@ def test_greedy_answers_with_the_adapter_match_the_transformers_path(fast: Llama
     finally:
         fast.set_adapter(None)
         slow_path.set_adapter(None)
-    same = sum(a == b for a, b in pairs)
     assert all(a.strip() for a, _ in pairs), "llama.cpp returned an empty answer"
-    assert same >= len(QUESTIONS) - 1, f"only {same}/{len(QUESTIONS)} greedy answers agree: {pairs}"
+    prefixes = [common_prefix(a, b) for a, b in pairs]
+    assert min(prefixes) >= 8 and sum(prefixes) / len(prefixes) >= 30, f"answers diverge early: {pairs}"
     assert answer(fast, QUESTIONS[0]) != pairs[0][0], "the adapter did not change the answer"
+
+
+def test_f16_weights_give_the_transformers_paths_greedy_answers(gguf_path, smollm2_dir, slow_path, adapter: Path):
+    """fast_weights = "f16": the same dequantized weights as transformers, so the same greedy answers."""
+    f16 = LlamaCppModel(serving_gguf(gguf_path, smollm2_dir.parent, "f16"), smollm2_dir, "SmolLM2", threads=2,
+                        sessions=1, context_tokens=512, source_gguf=gguf_path)
+    f16.set_adapter(adapter, "v-test")
+    slow_path.set_adapter(adapter, "v-test")
+    try:
+        pairs = [(answer(f16, q), answer(slow_path, q)) for q in QUESTIONS]
+    finally:
+        f16.close()
+        slow_path.set_adapter(None)
+    same = sum(a == b for a, b in pairs)
+    assert same >= len(QUESTIONS) - 1, f"only {same}/{len(QUESTIONS)} greedy answers agree: {pairs}"
 
 
 def test_the_scheduler_decodes_exactly_like_plain_llama_cpp(fast: LlamaCppModel, served_gguf: Path, adapter: Path):

@@ -147,7 +147,7 @@ def test_dashboard_in_a_browser(store, tmp_path, browser):
         assert page.locator("#dashboard-latency").get_by_text("1,260 ms").count() == 1  # whole-answer p95
 
         page.locator("#dashboard-export").get_by_text("Export training data").click()
-        assert page.locator("#export-raw").is_visible()  # an admin is offered raw export
+        page.locator("#export-raw").wait_for(state="visible", timeout=20_000)  # an admin is offered raw export (set on load)
         page.locator("#export-format").get_by_text("dpo", exact=True).click()
         with page.expect_download(timeout=30_000) as download:
             page.locator("#export-button").click()
