@@ -6,6 +6,7 @@ other's history.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -133,6 +134,14 @@ class Bot:
     # ---------------------------------------------------------------------------------------------------------------
     # Answering
 
+    @functools.cached_property
+    def base_hash(self) -> str | None:
+        """The serving base weights' hash (None for a remote model): an adapter trained on others must not load."""
+        from chatapp.model import base_model_hash
+
+        model_dir = getattr(self.model, "model_dir", None)
+        return base_model_hash(model_dir) if model_dir is not None else None
+
     def sync_adapter(self) -> None:
         """Follow the adapter registry: a promotion or rollback reaches the next answer without a restart."""
         if self.adapters is None or self.settings.model.adapter is not None:
@@ -144,6 +153,11 @@ class Bot:
             return
         version = active.version if active else None
         if version == self.model.adapter_version:
+            return
+        trained_on = (active.metadata.get("base_model") or {}).get("sha256") if active else None
+        if trained_on and self.base_hash and trained_on != self.base_hash:
+            self.problems["adapters"] = (f"adapter {version} was trained on other base weights than the model "
+                                         f"answering now; still on {self.model.adapter_version or 'the base model'}")
             return
         with self._swap_lock:
             if version == self.model.adapter_version:

@@ -6,6 +6,7 @@ except through `Settings.load`, so a test can build any configuration in one lin
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -169,18 +170,30 @@ class Settings:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "Settings":
-        """Defaults, then the TOML file (``[model]``, ``[retrieval]``... sections), then dotted overrides."""
+        """Defaults, then the TOML file (``[model]``, ``[retrieval]``... sections; or a `dump_json` snapshot), then
+        dotted overrides."""
         settings = cls()
         if path is None and (default := Path(os.environ.get("CHATAPP_CONFIG", "chatapp.toml"))).is_file():
             path = default
         if path is not None:
             with open(path, "rb") as f:
-                _apply(settings, tomllib.load(f), str(path))
+                values = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+            _apply(settings, values, str(path))
         for dotted, value in overrides.items():
             if value is not None:
                 _set_dotted(settings, dotted, value)
         settings.data_dir = Path(settings.data_dir).expanduser()
         return settings
+
+    def dump_json(self, path: Path, exclude: tuple[str, ...] = ("ui",)) -> Path:
+        """Snapshot these settings for a child process (`--config path`), so it runs with exactly what this one was
+        started with: TOML file and command-line flags alike. The UI section (credentials) is left out by default."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in exclude}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(values, indent=1, default=str))
+        os.replace(tmp, path)
+        return path
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:

@@ -1372,10 +1372,8 @@ def launch_background_tune(settings: Settings, extra_args: list[str] | None = No
         raise TuningError("a tuning run is already in progress")
     log_path = tuning_dir(settings) / "background.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "chatapp.cli", "--data-dir", str(settings.data_dir), "--model", settings.model.name,
-            "tune", "--quiet", *(extra_args or [])]
-    if settings.model.threads:
-        args[3:3] = ["--threads", str(settings.model.threads)]
+    snapshot = settings.dump_json(tuning_dir(settings) / "background-settings.json")  # --config, flags and all
+    args = [sys.executable, "-m", "chatapp.cli", "--config", str(snapshot), "tune", "--quiet", *(extra_args or [])]
     niceness = settings.tuning.nice
     with open(log_path, "ab") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

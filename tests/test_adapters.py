@@ -215,3 +215,23 @@ def test_admin_tab_promotes_and_rolls_back_through_gradio(settings, peft_adapter
         assert "base model" in message and registry.active() is None and model.adapter_version is None
     finally:
         app.close()
+
+
+def test_an_adapter_trained_on_other_base_weights_is_not_loaded(settings, peft_adapter, tiny_model_dir):
+    """The registry may hold adapters of another base model (the data dir was shared, --model changed): the running
+    bot must stay on what it has and say why, and take an adapter of its own base as soon as one is promoted."""
+    from chatapp.bot import Bot
+    from chatapp.model import TransformersModel, base_model_hash
+
+    registry = AdapterRegistry(settings)
+    registry.add(peft_adapter, {"base_model": {"name": "other", "sha256": "0" * 64}})
+    registry.add(peft_adapter, {"base_model": {"name": "tiny", "sha256": base_model_hash(tiny_model_dir)}})
+    model = TransformersModel(tiny_model_dir, "tiny", threads=1)
+    bot = Bot(settings, model, adapters=registry)
+    registry.promote("v0001")
+    bot.sync_adapter()
+    assert model.adapter_version is None
+    assert "v0001 was trained on other base weights" in bot.problems["adapters"]
+    registry.promote("v0002")
+    bot.sync_adapter()
+    assert model.adapter_version == "v0002" and "adapters" not in bot.problems

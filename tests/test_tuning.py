@@ -539,3 +539,18 @@ def test_periodic_retune_waits_for_enough_new_feedback(tsettings, capsys):
     assert code == 0 and "not enough new feedback" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse refuses a bad interval with a message
         main(["--data-dir", str(tsettings.data_dir), "tune", "--every", "soon"])
+
+
+def test_tune_now_runs_with_the_apps_own_settings(tsettings):
+    """The Adapters tab's "Tune now" starts a child process; it must train with everything the app was started with
+    (TOML file and flags alike), not the defaults."""
+    from chatapp.tuning import launch_background_tune
+
+    tsettings.retrieval.knowledge_dir = tsettings.data_dir / "kb-from-a-flag"
+    launch_background_tune(tsettings, extra_args=["--min-new-feedback", "3"])
+    snapshot = tsettings.data_dir / "tuning" / "background-settings.json"
+    assert dataclasses.replace(Settings.load(snapshot), ui=tsettings.ui) == tsettings
+    log_path, deadline = tsettings.data_dir / "tuning" / "background.log", time.monotonic() + 120
+    while "not enough new feedback" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "not enough new feedback" in log_path.read_text(), log_path.read_text()
