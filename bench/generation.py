@@ -423,15 +423,14 @@ def section_app(args) -> dict:
                 raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(1)
         url = f"http://127.0.0.1:{port}/"
-        clients = [Client(url, verbose=False) for _ in range(max(args.sessions))]
-        local = threading.local()
-        counter = iter(range(10**9))
+        clients: list = []
+        local = threading.local()  # each session thread keeps one client = one browser session
         counter_lock = threading.Lock()
 
         def start_chat(question: str):
             if not hasattr(local, "client"):
                 with counter_lock:
-                    local.client = clients[next(counter) % len(clients)]
+                    local.client = clients.pop()
             job = local.client.submit(question, "auto", 0.3, args.new_tokens, api_name="/chat")
             text = ""
             for output in job:
@@ -445,13 +444,13 @@ def section_app(args) -> dict:
             yield len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         results = []
+        clients.append(Client(url, verbose=False))
         list(start_chat(QUESTIONS[0]))  # warm-up (index, first prompt render)
         for n in args.sessions:
             for mode in ("burst", "staggered"):
                 if n == 1 and mode == "staggered":
                     continue
-                local.__dict__.clear()
-                counter = iter(range(10**9))
+                clients[:] = [Client(url, verbose=False) for _ in range(n)]  # fresh sessions, no old history
                 result = run_sessions(start_chat, QUESTIONS, n, 1 if mode == "burst" else 3, mode == "staggered", seed=n)
                 results.append({"mode": mode, **result})
                 print(results[-1], flush=True)
@@ -475,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="a PEFT LoRA folder to serve (default: a random r=8 q/k/v/o adapter)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--weights", default="f16", choices=["f16", "q8_0", "as-is"], help="model.fast_weights")
+    parser.add_argument("--weights", default=Settings().model.fast_weights, choices=["q8_0", "f16", "as-is"],
+                        help="model.fast_weights: how the serving path re-encodes the GGUF")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])
@@ -483,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.section:
+        if args.section != "transformers":
+            from chatapp.fastgen import import_llama_cpp
+
+            import_llama_cpp()  # before any engine: plain Llama and the serving path share one libgomp setting
         result = globals()[f"section_{args.section}"](args)
         print("RESULT " + json.dumps(result, default=str), flush=True)
         return 0

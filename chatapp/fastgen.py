@@ -26,6 +26,7 @@ import os
 import queue
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,31 @@ from chatapp.model import PROFILES, ModelError, profile_gguf
 
 log = logging.getLogger(__name__)
 
+
+def import_llama_cpp():
+    """`import llama_cpp` with libgomp told to sleep, not spin, at llama.cpp's per-node thread barriers.
+
+    Why: libgomp spins 300,000 rounds before it sleeps. Whenever anything else wants the cores (the chat's own
+    streaming threads, a tuning run, the test suite), a spinning thread takes the time the other one needs: measured
+    here on 2 cores, the serving path decoded 0.6 tokens/s with the default, 5 with a 10,000-round spin and 80-100
+    with passive waiting, which was also the fastest on a quieter machine. libgomp reads the setting once, when
+    llama_cpp loads it, so it is set only around that import (torch's own libgomp copy is not affected) and a value
+    the user exported (OMP_WAIT_POLICY=active) wins.
+    """
+    if "llama_cpp" in sys.modules and sys.modules["llama_cpp"] is not None:
+        return sys.modules["llama_cpp"]
+    user_value = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = user_value or "PASSIVE"
+    try:
+        import llama_cpp
+    finally:
+        if user_value is None:
+            del os.environ["OMP_WAIT_POLICY"]
+    return llama_cpp
+
+
 LORA_FORMAT = 1  # bump when convert_peft_adapter's output changes, so cached .gguf adapters are rebuilt
+SAMPLING_TOP_K = 50  # transformers' GenerationConfig default, applied by the transformers path too
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens per batched step: a new prompt is prefilled in one step, decoders wait ≤ 1
 
 
@@ -232,7 +257,6 @@ class _Request:
     sampler: int | None = None
     output_index: int = -1
     text: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 _FINISHED = object()
@@ -252,11 +276,11 @@ class LlamaCppModel:
         cache_dir: Path | None = None,
         source_gguf: Path | None = None,
     ):
-        import llama_cpp as llama
-
+        llama = import_llama_cpp()
         self.llama = llama
         self.gguf_path = Path(gguf_path)
         self.source_gguf = Path(source_gguf or gguf_path)  # what adapters are converted against (names, shapes)
+        self.model_dir = Path(tokenizer_dir)  # the base model's cached copy: its hash says which adapters fit
         self.title = title
         self.cache_dir = cache_dir  # for adapters converted from read-only folders
         self.adapter_version: str | None = None
@@ -312,7 +336,9 @@ class LlamaCppModel:
     @property
     def description(self) -> str:
         adapter = f"adapter {self.adapter_version}" if self._adapter else "no adapter"
-        weights = self.gguf_path.name if self.source_gguf == self.gguf_path else f"{self.source_gguf.name} as {self.gguf_path.suffixes[-2][1:]}"
+        weights = self.gguf_path.name
+        if self.source_gguf != self.gguf_path:  # re-encoded by serving_gguf: <stem>-<key>.<weights>.gguf
+            weights = f"{self.source_gguf.name} as {self.gguf_path.suffixes[-2][1:]}"
         return f"{self.title} · llama.cpp ({weights}) · {adapter}"
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -510,7 +536,7 @@ class LlamaCppModel:
             self._emit(request, token)
 
     def _make_sampler(self, request: _Request) -> int:
-        """transformers' order: repetition penalty over prompt + answer, then temperature, top-p, sample (or argmax)."""
+        """transformers' order: repetition penalty over prompt + answer, then top-k, temperature, top-p, sample."""
         llama, gen = self.llama, request.gen
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         if gen.repetition_penalty and gen.repetition_penalty != 1.0:
@@ -521,6 +547,9 @@ class LlamaCppModel:
             for token in request.prompt:
                 llama.llama_sampler_accept(penalties, token)
         if gen.temperature > 0:
+            # top-k 50 first: transformers' default (so the transformers path samples the same way), and it spares
+            # top-p a sort of the whole 49k vocabulary per session per token, which dominated steps of 20 sessions.
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(SAMPLING_TOP_K))
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(float(gen.temperature)))
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(float(gen.top_p), 1))
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(random.getrandbits(32)))
@@ -588,8 +617,7 @@ def serving_gguf(source: Path, cache_dir: Path, weights: str = "q8_0") -> Path:
         return source
     if weights not in WEIGHT_TYPES:
         raise ModelError(f"model.fast_weights must be one of f16, q8_0, as-is (not {weights!r})")
-    import llama_cpp as llama
-
+    llama = import_llama_cpp()
     stat = source.stat()
     signature = {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "weights": weights}
     key = hashlib.sha1(json.dumps(signature).encode()).hexdigest()[:10]
@@ -631,7 +659,7 @@ def load_fast_model(settings: Settings, model_dir: Path, title: str) -> LlamaCpp
     """The llama.cpp backend, or None (with a WARNING saying why) so the caller falls back to transformers."""
     fallback = "falling back to the transformers backend (slower)"
     try:
-        import llama_cpp  # noqa: F401
+        import_llama_cpp()
     except (ImportError, OSError) as exc:
         log.warning(
             "llama.cpp backend unavailable: llama-cpp-python is not installed or failed to build/load (%s); %s. "

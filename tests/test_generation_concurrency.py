@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup builds it)")
+try:
+    from chatapp.fastgen import import_llama_cpp
+
+    import_llama_cpp()  # first, so libgomp gets the serving path's wait policy in this process too
+except ImportError:
+    pytest.skip("llama-cpp-python is not installed (make setup builds it)", allow_module_level=True)
 
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf  # noqa: E402
