@@ -25,7 +25,8 @@ class ModelSettings:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
     fast_sessions: int = 20  # llama.cpp backend: chats decoded together (more wait for a free slot)
     fast_context: int = 4096  # llama.cpp backend: tokens of context per chat (KV cache = sessions x context)
-    fast_weights: Literal["q8_0", "f16", "as-is"] = "q8_0"  # llama.cpp backend: GGUF re-encoded once for speed (f16: closest to transformers)
+    # llama.cpp backend: how the GGUF is re-encoded once (fastgen.serving_gguf has the speed/fidelity figures)
+    fast_weights: Literal["q4_0", "q4_k_m", "q8_0", "f16", "as-is"] = "q8_0"
     openai_base_url: str = "http://127.0.0.1:8080/v1"
     openai_model: str = "default"
     openai_api_key: str = ""
@@ -118,6 +119,7 @@ class UISettings:
     admins: list[str] = field(default_factory=list)  # with auth on, only these users edit prompts / promote adapters
     bot_name: str = "Ava"
     company: str = "Acme Outfitters"
+    stream_every_s: float = 0.05  # screen updates while an answer streams at most this often (each re-sends the chat)
 
 
 @dataclass

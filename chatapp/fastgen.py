@@ -39,26 +39,30 @@ from chatapp.model import PROFILES, ModelError, profile_gguf
 
 log = logging.getLogger(__name__)
 
+GOMP_SPINCOUNT = "1000"  # libgomp's default is 300,000 rounds; see import_llama_cpp
+
 
 def import_llama_cpp():
-    """`import llama_cpp` with libgomp told to sleep, not spin, at llama.cpp's per-node thread barriers.
+    """`import llama_cpp` with libgomp told to spin only briefly at llama.cpp's per-node thread barriers.
 
-    Why: libgomp spins 300,000 rounds before it sleeps. Whenever anything else wants the cores (the chat's own
-    streaming threads, a tuning run, the test suite), a spinning thread takes the time the other one needs: measured
-    here on 2 cores, the serving path decoded 0.6 tokens/s with the default, 5 with a 10,000-round spin and 80-100
-    with passive waiting, which was also the fastest on a quieter machine. libgomp reads the setting once, when
-    llama_cpp loads it, so it is set only around that import (torch's own libgomp copy is not affected) and a value
-    the user exported (OMP_WAIT_POLICY=active) wins.
+    Why: measured here (2 cores, 179-token prompt, 128 tokens, plain llama.cpp): on a quiet machine the default spin
+    decodes 90 tokens/s, 1,000 rounds 80-88 and passive waiting (OMP_WAIT_POLICY=passive) only 23; with one other busy
+    process on the cores the default drops to 25, 1,000 rounds to 31, passive to 45 (and 1 thread gives 54: set
+    model.threads when the machine is shared). A short spin keeps nearly all the quiet-machine speed and yields the core
+    sooner to the chat's own streaming threads. libgomp reads the setting once, when llama_cpp loads it, so it is set
+    only around that import (torch's own libgomp copy is not affected); GOMP_SPINCOUNT or OMP_WAIT_POLICY exported by
+    the user wins.
     """
     if "llama_cpp" in sys.modules and sys.modules["llama_cpp"] is not None:
         return sys.modules["llama_cpp"]
-    user_value = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = user_value or "PASSIVE"
+    ours = "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+    if ours:
+        os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
     try:
         import llama_cpp
     finally:
-        if user_value is None:
-            del os.environ["OMP_WAIT_POLICY"]
+        if ours:
+            del os.environ["GOMP_SPINCOUNT"]
     return llama_cpp
 
 
@@ -310,6 +314,9 @@ class LlamaCppModel:
         params.n_batch = PREFILL_TOKENS_PER_STEP + self.sessions
         params.n_ubatch = min(512, params.n_batch)
         params.n_threads = params.n_threads_batch = threads
+        # Flash attention off: llama.cpp's CPU kernel for it decoded this model at 40-48 tokens/s against 64-77 without
+        # (200-token prompt, 2 threads, bench/generation.py's prompt).
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         self._ctx = llama.llama_init_from_model(self._model, params)
         if not self._ctx:
@@ -601,22 +608,24 @@ class LlamaCppModel:
 # Entry point used by chatapp.model.load_model
 
 
-WEIGHT_TYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+WEIGHT_TYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 def serving_gguf(source: Path, cache_dir: Path, weights: str = "q8_0") -> Path:
     """The GGUF llama.cpp serves: the package's file re-encoded once (cached, atomically) unless weights="as-is".
 
-    Why: llama.cpp has no fast CPU kernels for Q4_1 (no GEMM, no repacking), so the package's Q4_1 SmolLM2 prefills
-    and decodes slowly. Re-encoded as Q8_0 (bench/generation.py, 1 thread: prompt 2.5x faster, decoding 1.7x faster)
-    the LoRA-carrying serving path outruns plain llama.cpp on the original file. F16 is exact for Q4_1's values and
-    its answers follow the transformers path almost token for token (99.7% teacher-forced top-1 vs 96-97% for Q4_1
-    and Q8_0, whose int8 activations round differently), at some decode speed.
+    Why: llama.cpp has no fast CPU matrix kernels for Q4_1, so the package's Q4_1 SmolLM2 prefills slowly (a 200-token
+    prompt: ~0.9 s on 2 cores). Measured with bench/generation.py (2 cores, LoRA applied, 200-token prompt):
+    Q8_0 -- first token 0.5 s, 66 tokens/s, 96-97% teacher-forced top-1 agreement with the transformers path (its
+    int8 activations round differently); Q4_0 -- 0.36 s, 95 tokens/s, but only 72% agreement (a second 4-bit rounding);
+    Q4_K_M -- 0.47 s, 84 tokens/s, 85%; as-is Q4_1 -- 0.9 s, 64-77 tokens/s; F16 -- exact for Q4_1's values and
+    99.7% agreement, at some decode speed. Q8_0 is the default: fast first tokens without changing the answers.
     """
     if weights == "as-is":
         return source
     if weights not in WEIGHT_TYPES:
-        raise ModelError(f"model.fast_weights must be one of f16, q8_0, as-is (not {weights!r})")
+        raise ModelError(f"model.fast_weights must be one of {', '.join(WEIGHT_TYPES)}, as-is (not {weights!r})")
     llama = import_llama_cpp()
     stat = source.stat()
     signature = {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "weights": weights}

@@ -1019,6 +1019,27 @@ def tuning_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "tuning"
 
 
+def busy_cores(sample_s: float = 1.0) -> float:
+    """Cores other work keeps busy right now (/proc/stat over a short sample; the load average where there is none).
+    Why not the load average alone: it lags by minutes, so a job that just ended still counts as a busy core."""
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(sample_s)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    total = total1 - total0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / total) if total > 0 else 0.0
+
+
 def training_threads(settings: Settings) -> int:
     """tuning.threads when set; else the cores not already busy (at least 1). Why: OpenMP threads that wait at a
     barrier for a descheduled sibling crawl -- on 2 shared cores, 2 threads measured 2-15x slower than 1 while other
@@ -1026,12 +1047,9 @@ def training_threads(settings: Settings) -> int:
     if settings.tuning.threads > 0:
         return settings.tuning.threads
     cores = settings.model.threads or os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = busy_cores()
     threads = max(1, min(cores, int(cores - busy + 0.5)))
-    log.info("training with %d thread(s) (%d cores, load %.1f)", threads, cores, busy)
+    log.info("training with %d thread(s) (%d cores, %.1f busy)", threads, cores, busy)
     return threads
 
 

@@ -3,6 +3,7 @@ and settings pointing every kind of state at a temporary folder."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chatapp.config import REPO_ROOT, ModelSettings, Settings  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (`make test` installs it); never `playwright install`
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Debian chromium for every browser test (each test opens its own page)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Debian chromium is missing at {CHROMIUM}: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        yield browser
+        browser.close()
+
 
 # The GGUF -> safetensors conversion takes ~50 s: do it once per checkout, not once per test.
 TEST_CACHE = Path(os.environ.get("CHATAPP_TEST_CACHE", REPO_ROOT / "var" / "test-cache"))

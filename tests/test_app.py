@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,12 +15,7 @@ from gradio_client import Client
 from chatapp.bot import Bot
 from chatapp.config import REPO_ROOT
 from chatapp.ui import build
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +25,7 @@ def app_url(tiny_model_dir: Path, tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("app-data"))
     settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
     settings.generation.max_new_tokens, settings.generation.temperature = 24, 0.0
+    settings.ui.stream_every_s = 0.0  # every token an update: the tiny model writes a whole answer in 50 ms
     bot = Bot.create(settings)
     app = build(bot)
     app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)

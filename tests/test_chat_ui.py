@@ -2,7 +2,6 @@
 the human handoff, and clear."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,21 +9,11 @@ import pytest
 from chatapp.bot import Bot
 from chatapp.config import Settings
 from chatapp.ui import build
-
-CHROMIUM = "/usr/bin/chromium"
-sync_api = pytest.importorskip("playwright.sync_api")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 @pytest.fixture(scope="module")
-def page(tiny_model_dir: Path, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian chromium is missing: `make test` installs it (apt-get install chromium)")
+def page(tiny_model_dir: Path, tmp_path_factory, browser):
     settings = Settings(data_dir=tmp_path_factory.mktemp("chat-ui"))
     settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
     settings.generation.max_new_tokens, settings.generation.temperature = 16, 0.0
@@ -32,14 +21,11 @@ def page(tiny_model_dir: Path, tmp_path_factory):
     app = build(bot)
     port = free_port()
     app.launch(server_port=port, prevent_thread_lock=True, quiet=True)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.bot = bot  # the test reads the feedback log through the same bot the page uses
-        yield page
-        browser.close()
+    page = browser.new_page()
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.bot = bot  # the test reads the feedback log through the same bot the page uses
+    yield page
+    page.close()
     app.close()
 
 

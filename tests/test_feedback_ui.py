@@ -5,7 +5,6 @@ the plot, the health banner, the download). The tab gets a small object exposing
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -18,15 +17,9 @@ from gradio_client import Client
 from chatapp.config import FeedbackSettings, Settings
 from chatapp.feedback import FeedbackStore, TurnRecord, new_message_id
 from chatapp.ui import dashboard_tab
+from conftest import free_port
 
-CHROMIUM = "/usr/bin/chromium"
 XSS = "<img src=x onerror=\"window.__xss=1\"> <b>Where</b> is my refund?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill(store: FeedbackStore) -> None:
@@ -114,21 +107,6 @@ def test_unreadable_database_shows_a_banner(tmp_path):
     finally:
         demo.close()
         broken.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.mark.slow

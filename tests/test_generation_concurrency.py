@@ -12,7 +12,7 @@ import pytest
 try:
     from chatapp.fastgen import import_llama_cpp
 
-    import_llama_cpp()  # first, so libgomp gets the serving path's wait policy in this process too
+    import_llama_cpp()  # first, so libgomp gets the serving path's spin setting in this process too
 except ImportError:
     pytest.skip("llama-cpp-python is not installed (make setup builds it)", allow_module_level=True)
 

@@ -1,7 +1,6 @@
 """The OpenAI-compatible backend against a real third-party server (llama-cpp-python's) serving the default GGUF."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -12,14 +11,9 @@ import pytest
 
 from chatapp.config import GenerationSettings, ModelSettings, Settings
 from chatapp.model import PROFILES, ModelError, OpenAIModel, load_model, profile_gguf
+from conftest import free_port
 
 pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] is part of `make test`'s setup")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

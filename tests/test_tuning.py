@@ -554,3 +554,16 @@ def test_tune_now_runs_with_the_apps_own_settings(tsettings):
     while "not enough new feedback" not in log_path.read_text() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert "not enough new feedback" in log_path.read_text(), log_path.read_text()
+
+
+def test_busy_cores_sees_work_that_is_running_now():
+    """Training picks its thread count from the cores other work is using right now (not the lagging load average)."""
+    from chatapp.tuning import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(sample_s=1.0) >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()

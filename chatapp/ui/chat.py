@@ -6,6 +6,7 @@ Wiring only: every decision is the bot's. Per-browser state lives in two gr.Stat
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -104,11 +105,13 @@ def build(bot: Bot) -> None:
         view.messages = view.messages + [{"role": "user", "content": _escape(text.strip()[:2000])}]
         view.message_ids = view.message_ids + [None]
         shown = view.messages
-        reply = Reply("")
+        reply, shown_at = Reply(""), 0.0
         for reply in bot.answer(text, session, user=getattr(request, "username", None),
                                 temperature=temperature_, max_new_tokens=int(max_tokens_)):
             shown = view.messages + [{"role": "assistant", "content": format_reply(reply)}]
-            yield shown, session, view, "", gr.skip(), gr.skip(), ""
+            if time.monotonic() - shown_at >= bot.settings.ui.stream_every_s:
+                shown_at = time.monotonic()
+                yield shown, session, view, "", gr.skip(), gr.skip(), ""
         if reply.message_id is None:  # nothing was answered (empty after cleaning)
             view.messages, view.message_ids = view.messages[:-1], view.message_ids[:-1]
             yield view.messages, session, view, text, gr.skip(), bot.status(), reply.notice or ""
