@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="a PEFT LoRA folder to serve (default: a random r=8 q/k/v/o adapter)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--weights", default=Settings().model.fast_weights, choices=["q8_0", "q4_0", "q4_k_m", "f16", "as-is"],
+    parser.add_argument("--weights", default=Settings().model.fast_weights,
+                        choices=["q8_0", "q4_0", "q4_k_m", "f16", "as-is"],
                         help="model.fast_weights: how the serving path re-encodes the GGUF")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])

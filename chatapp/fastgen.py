@@ -617,7 +617,7 @@ def serving_gguf(source: Path, cache_dir: Path, weights: str = "q8_0") -> Path:
 
     Why: llama.cpp has no fast CPU matrix kernels for Q4_1, so the package's Q4_1 SmolLM2 prefills slowly (a 200-token
     prompt: ~0.9 s on 2 cores). Measured with bench/generation.py (2 cores, LoRA applied, 200-token prompt):
-    Q8_0 -- first token 0.5 s, 66 tokens/s, 96-97% teacher-forced top-1 agreement with the transformers path (its
+    Q8_0 -- first token 0.5-0.6 s, 64-66 tokens/s, 96-97% teacher-forced top-1 agreement with the transformers path (its
     int8 activations round differently); Q4_0 -- 0.36 s, 95 tokens/s, but only 72% agreement (a second 4-bit rounding);
     Q4_K_M -- 0.47 s, 84 tokens/s, 85%; as-is Q4_1 -- 0.9 s, 64-77 tokens/s; F16 -- exact for Q4_1's values and
     99.7% agreement, at some decode speed. Q8_0 is the default: fast first tokens without changing the answers.

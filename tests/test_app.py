@@ -61,6 +61,24 @@ def test_answer_streams_with_status_and_sources(app_url: str):
     assert sources.strip()
 
 
+def test_stream_updates_are_coalesced_to_the_configured_rate(tiny_model_dir: Path, tmp_path: Path):
+    """ui.stream_every_s caps screen updates (each re-sends the whole chat); the final answer is complete anyway."""
+    from chatapp.config import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
+    settings.generation.max_new_tokens, settings.generation.temperature = 24, 0.0
+    settings.ui.stream_every_s = 60.0
+    app = build(Bot.create(settings))
+    app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        outputs, final = chat(Client(app.local_url, verbose=False), "How do I return an item?")
+    finally:
+        app.close()
+    assert len(outputs) == 2  # the first piece, then the finished answer with its sources
+    assert len(texts(final[0])[-1][1]) > len(texts(outputs[0][0])[-1][1]) and final[2].strip()
+
+
 def test_sessions_never_see_each_others_history(app_url: str):
     alice, bob = Client(app_url, verbose=False), Client(app_url, verbose=False)
     results: dict[str, list] = {}
