@@ -490,6 +490,7 @@ def test_killed_training_never_touches_the_active_adapter(tsettings, golden_file
 @pytest.mark.slow
 def test_end_to_end_on_the_real_model(smollm2_dir, tmp_path, golden_file):
     """tune -> gate -> promote -> hot swap into a running model -> rollback, on SmolLM2-135M with a few steps."""
+    from chatapp.bot import Bot
     from chatapp.config import GenerationSettings
     from chatapp.model import TransformersModel
 
@@ -513,14 +514,16 @@ def test_end_to_end_on_the_real_model(smollm2_dir, tmp_path, golden_file):
     active = registry.active()
     assert active.version == report.version and active.metadata["base_model"]["sha256"]
 
-    running.set_adapter(active.path, active.version)  # what Bot.sync_adapter does before the next answer
+    bot = Bot(settings, running, adapters=registry)  # the app's pipeline around the running model
+    bot.sync_adapter()  # what every answer does first: follow the registry
     assert running.adapter_version == report.version and report.version in running.description
+    assert "adapters" not in bot.problems  # trained on these very base weights
     with_adapter = "".join(running.stream(question, gen))
     assert with_adapter.strip()
 
     assert registry.rollback() is None  # back to the base model
     assert registry.active() is None
-    running.set_adapter(None)
+    bot.sync_adapter()
     assert running.adapter_version is None
     assert "".join(running.stream(question, gen)) == before  # exactly the base model again
 
