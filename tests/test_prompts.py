@@ -406,6 +406,8 @@ def test_concurrent_saves_never_corrupt(prompts, settings, embedder):
         assert prompts.text("race", version) == texts[i]
         assert parse_template(prompts.text("race", version))[0] is not None
     # everyone editing from the same base: exactly one wins, the rest are told, nothing is lost or mixed
+    # (new texts: re-saving the text version 8 already has would be a no-op, not an edit)
+    texts[:] = [template_text(description=f"editor {i}", user=f"{{context}} {{question}} e{i}") for i in range(8)]
     results.clear()
     barrier = threading.Barrier(8)
     threads = [threading.Thread(target=writer, args=(i, 8)) for i in range(8)]
