@@ -172,7 +172,7 @@ class Settings:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "Settings":
-        """Defaults, then the TOML file (``[model]``, ``[retrieval]``... sections; or a `dump_json` snapshot), then
+        """Defaults, then the TOML file (``[model]``, ``[retrieval]``... sections; or a JSON `snapshot`), then
         dotted overrides."""
         settings = cls()
         if path is None and (default := Path(os.environ.get("CHATAPP_CONFIG", "chatapp.toml"))).is_file():
@@ -187,15 +187,11 @@ class Settings:
         settings.data_dir = Path(settings.data_dir).expanduser()
         return settings
 
-    def dump_json(self, path: Path, exclude: tuple[str, ...] = ("ui",)) -> Path:
-        """Snapshot these settings for a child process (`--config path`), so it runs with exactly what this one was
-        started with: TOML file and command-line flags alike. The UI section (credentials) is left out by default."""
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in exclude}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(values, indent=1, default=str))
-        os.replace(tmp, path)
-        return path
+    def snapshot(self, exclude: tuple[str, ...] = ("ui",)) -> dict[str, Any]:
+        """These settings as plain data, for a child process to load (`--config file.json`): it then runs with exactly
+        what this one was started with, TOML file and command-line flags alike. The UI section (credentials) is left
+        out by default."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in exclude}
 
 
 def _apply(obj: Any, values: dict[str, Any], where: str) -> None:

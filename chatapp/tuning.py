@@ -1390,7 +1390,8 @@ def launch_background_tune(settings: Settings, extra_args: list[str] | None = No
         raise TuningError("a tuning run is already in progress")
     log_path = tuning_dir(settings) / "background.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    snapshot = settings.dump_json(tuning_dir(settings) / "background-settings.json")  # --config, flags and all
+    snapshot = tuning_dir(settings) / "background-settings.json"
+    atomic_write_json(snapshot, settings.snapshot())  # the child's --config: TOML file and flags alike
     args = [sys.executable, "-m", "chatapp.cli", "--config", str(snapshot), "tune", "--quiet", *(extra_args or [])]
     niceness = settings.tuning.nice
     with open(log_path, "ab") as out:
