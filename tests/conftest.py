@@ -37,6 +37,17 @@ def browser():
         browser.close()
 
 
+def llama_cpp_or_skip():
+    """llama_cpp, imported the serving path's way (libgomp's spin setting then holds in this process too), or the
+    calling test module skipped when llama-cpp-python is not installed."""
+    try:
+        from chatapp.fastgen import import_llama_cpp
+
+        return import_llama_cpp()
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (make setup builds it)", allow_module_level=True)
+
+
 # The GGUF -> safetensors conversion takes ~50 s: do it once per checkout, not once per test.
 TEST_CACHE = Path(os.environ.get("CHATAPP_TEST_CACHE", REPO_ROOT / "var" / "test-cache"))
 

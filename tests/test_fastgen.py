@@ -14,12 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    from chatapp.fastgen import import_llama_cpp
+from conftest import llama_cpp_or_skip
 
-    import_llama_cpp()  # first, so libgomp gets the serving path's spin setting in this process too
-except ImportError:
-    pytest.skip("llama-cpp-python is not installed (make setup builds it)", allow_module_level=True)
+llama_cpp_or_skip()  # before any other llama.cpp user in this process
 pytestmark = pytest.mark.slow  # the real default model
 
 from chatapp.config import REPO_ROOT, GenerationSettings, ModelSettings, Settings  # noqa: E402

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from chatapp.fastgen import import_llama_cpp
+from conftest import llama_cpp_or_skip
 
-    import_llama_cpp()  # first, so libgomp gets the serving path's spin setting in this process too
-except ImportError:
-    pytest.skip("llama-cpp-python is not installed (make setup builds it)", allow_module_level=True)
+llama_cpp_or_skip()  # before any other llama.cpp user in this process
 
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf  # noqa: E402
