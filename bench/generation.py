@@ -8,9 +8,10 @@ Sections (each runs in its own subprocess, so its peak RSS and thread settings a
 - transformers: cold load (GGUF from the package -> safetensors cache) and warm load (from the cache); time to first
   token for a 200-token prompt and decode tokens/s, fp32 and bf16, 1 and 2 threads.
 - speed: llama.cpp's plain `Llama` and the project's serving path (`chatapp.fastgen.LlamaCppModel`, LoRA adapter
-  applied) on the same GGUF in one process, alternated three times: TTFT, decode tokens/s, the ratio. `Llama` with the
-  same LoRA is measured too, so the adapter's own cost is visible.
-- agreement: transformers+peft vs llama.cpp+converted LoRA on a fixed prompt set: share of prompts whose first 32
+  merged in) on the same GGUF in one process, alternated three times: TTFT, decode tokens/s, the ratio. `Llama` with
+  the same LoRA applied at run time, and `Llama` on the very file the serving path serves, are measured too. Every run
+  gets a prompt of its own; `ours_lora_seen_system` is a new question under the previous prompt's system message.
+- agreement: transformers+peft vs the serving path on a fixed prompt set: share of prompts whose first 32
   greedy tokens are identical, mean common prefix, and teacher-forced top-1 agreement (llama.cpp's argmax at every
   position of the transformers path's greedy answer).
 - concurrency: 1, 4 and 20 sessions straight on the backend, both as a burst (all press Enter at the same instant)
@@ -103,17 +104,22 @@ def model_dir(cache: Path | None = None) -> Path:
     return resolve_base_model(settings.model, cache or settings.model_cache_dir)
 
 
-def prompt_of(tokenizer, question: str, tokens: int = 200) -> list[dict]:
-    """Chat messages whose templated prompt is exactly `tokens` tokens: the question after as much filler as fits."""
+def prompt_of(tokenizer, question: str, tokens: int = 200, ticket: int | None = None) -> list[dict]:
+    """Chat messages whose templated prompt is exactly `tokens` tokens: the question, then as much filler as fits.
+
+    `ticket` starts the system message with a number, so the prompt shares only a few tokens with any earlier one
+    (the serving path reuses the keys/values of a shared start: a repeated prompt would measure that, not a prompt).
+    """
+    system = SYSTEM if ticket is None else f"Ticket {ticket}. {SYSTEM}"
     words = (FILLER * 20).split()
     lo, hi = 0, len(words)
     while lo < hi:  # largest filler prefix that keeps the prompt within `tokens`
         mid = (lo + hi + 1) // 2
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": " ".join(words[:mid]) + "\n\n" + question}]
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": question + "\n\n" + " ".join(words[:mid])}]
         n = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         lo, hi = (mid, hi) if n <= tokens else (lo, mid - 1)
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": " ".join(words[:lo]) + "\n\n" + question}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": question + "\n\n" + " ".join(words[:lo])}]
 
 
 def make_adapter(base_dir: Path, out: Path) -> Path:
@@ -136,14 +142,15 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
 
 
 def serving_model(args, base_dir: Path, **options):
-    """The project's serving path exactly as load_fast_model builds it (re-encoded weights, source GGUF for LoRAs)."""
+    """The project's serving path exactly as load_fast_model builds it (re-encoded weights, source GGUF for adapters)."""
     from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf
 
     settings = Settings()
     source = base_gguf(settings)
     served = serving_gguf(source, settings.model_cache_dir, args.weights)
     options.setdefault("threads", args.threads or os.cpu_count())
-    return LlamaCppModel(served, base_dir, "SmolLM2", cache_dir=settings.model_cache_dir, source_gguf=source, **options)
+    return LlamaCppModel(served, base_dir, "SmolLM2", cache_dir=settings.model_cache_dir, source_gguf=source,
+                         weights=args.weights, **options)
 
 
 def timed_stream(pieces) -> dict:
@@ -208,17 +215,20 @@ def section_speed(args) -> dict:
     started = time.perf_counter()
     ours = serving_model(args, base_dir)
     ours_load = time.perf_counter() - started
+    started = time.perf_counter()
     ours.set_adapter(adapter, "bench")
-    messages = prompt_of(ours.tokenizer, "Please explain your full return and refund process step by step.")
-    ids = ours.prompt_ids(messages)
+    ours_swap = time.perf_counter() - started
+    question, other_question = "Please explain your full return and refund process step by step.", QUESTIONS[0]
     gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0)
     plain = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
     plain_lora = Llama(str(gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
                        lora_path=str(lora_gguf))
-    plain_served = Llama(str(ours.gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False,
-                         lora_path=str(lora_gguf))
+    plain_same_file = Llama(str(ours.gguf_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                            verbose=False, flash_attn=False)
+    tickets = iter(range(1, 10_000))  # every run gets a prompt of its own (see prompt_of)
 
     def run_plain(llm) -> dict:
+        ids = ours.prompt_ids(prompt_of(ours.tokenizer, question, ticket=next(tickets)))
         llm.reset()
         eos = llm.token_eos()
         started, times, tokens = time.perf_counter(), [], []
@@ -237,14 +247,26 @@ def section_speed(args) -> dict:
         path's idle pool beside it). The app computes on one thread; so does this comparison."""
         return lambda: ours._call_in_scheduler(lambda: run_plain(llm))
 
-    def run_ours() -> dict:
+    def run_ours(messages: list[dict]) -> dict:
         result = timed_stream(ours.stream(messages, gen))
         n = len(ours.tokenizer(result["text"], add_special_tokens=False)["input_ids"])
         return {"ttft_s": result["ttft"], "new_tokens": n,
                 "decode_tok_s": decode_rate(n, result["times"][0], result["times"][-1])}
 
+    last_ticket = 0
+
+    def run_ours_new_prompt() -> dict:
+        nonlocal last_ticket
+        last_ticket = next(tickets)
+        return run_ours(prompt_of(ours.tokenizer, question, ticket=last_ticket))
+
+    def run_ours_seen_system() -> dict:
+        """A new customer message under the system message of the previous prompt: what the app's template does."""
+        return run_ours(prompt_of(ours.tokenizer, other_question, ticket=last_ticket))
+
     engines = {"llama_plain": on_scheduler_thread(plain), "llama_plain_lora": on_scheduler_thread(plain_lora),
-               "llama_plain_served_weights_lora": on_scheduler_thread(plain_served), "ours_lora": run_ours}
+               "llama_plain_same_file": on_scheduler_thread(plain_same_file), "ours_lora": run_ours_new_prompt,
+               "ours_lora_seen_system": run_ours_seen_system}
     for run in engines.values():
         run()  # warm-up: first-call allocations are not what a chat sees
     rounds: dict[str, list[dict]] = {name: [] for name in engines}
@@ -258,29 +280,33 @@ def section_speed(args) -> dict:
                "new_tokens": runs[-1]["new_tokens"]}
         for name, runs in rounds.items()
     }
+    served = ours.description
     ours.close()
+    ratio = lambda name: round(summary["ours_lora"]["decode_tok_s"] / summary[name]["decode_tok_s"], 3)  # noqa: E731
     return {
-        "threads": threads, "prompt_tokens": len(ids), "rounds": args.rounds, "summary": summary,
-        "ratio_vs_plain_llama": round(summary["ours_lora"]["decode_tok_s"] / summary["llama_plain"]["decode_tok_s"], 3),
-        "ratio_vs_plain_llama_with_same_lora": round(
-            summary["ours_lora"]["decode_tok_s"] / summary["llama_plain_lora"]["decode_tok_s"], 3),
-        "serving_path_load_s": round(ours_load, 2), "served_weights": ours.description, "adapter": str(adapter),
+        "threads": threads, "prompt_tokens": 200, "rounds": args.rounds, "summary": summary,
+        "ratio_vs_plain_llama": ratio("llama_plain"),
+        "ratio_vs_plain_llama_with_same_lora": ratio("llama_plain_lora"),
+        "ratio_vs_plain_llama_same_file": ratio("llama_plain_same_file"),
+        "serving_path_load_s": round(ours_load, 2), "adapter_swap_s": round(ours_swap, 2),
+        "served_weights": served, "adapter": str(adapter),
+        "note": "ours: the adapter merged into the weights; llama_plain_lora: llama.cpp's runtime LoRA on the package "
+                "GGUF; llama_plain_same_file: plain llama.cpp on the file ours serves (adapter merged). Every run has a "
+                "prompt of its own except ours_lora_seen_system (the previous run's system message, a new question).",
         "peak_rss_mb": peak_rss_mb(),
         "raw": rounds,
     }
 
 
 def section_agreement(args) -> dict:
-    """How closely llama.cpp + the converted LoRA follows transformers + peft, greedy, on a fixed prompt set."""
+    """How closely the serving path (adapter merged into the weights) follows transformers + peft, greedy."""
     import numpy as np
     from llama_cpp import Llama
 
-    from chatapp.fastgen import base_gguf, convert_peft_adapter
     from chatapp.model import TransformersModel
 
-    base_dir, gguf_path = model_dir(), base_gguf(Settings())
+    base_dir = model_dir()
     adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
-    lora_gguf = convert_peft_adapter(adapter, gguf_path)
     threads = args.threads or os.cpu_count()
     slow = TransformersModel(base_dir, "SmolLM2", threads=threads)
     fast = serving_model(args, base_dir, sessions=2, context_tokens=1024)
@@ -289,8 +315,7 @@ def section_agreement(args) -> dict:
     for label, adapter_path in (("with_adapter", adapter), ("base_only", None)):
         slow.set_adapter(adapter_path, "bench" if adapter_path else None)
         fast.set_adapter(adapter_path, "bench" if adapter_path else None)
-        scorer = Llama(str(fast.gguf_path), n_ctx=1024, n_threads=threads, logits_all=True, verbose=False,
-                       lora_path=str(lora_gguf) if adapter_path else None)
+        scorer = Llama(str(fast.gguf_path), n_ctx=1024, n_threads=threads, logits_all=True, verbose=False)
         for penalty in (1.0, 1.1):
             gen = GenerationSettings(max_new_tokens=n_new, temperature=0.0, repetition_penalty=penalty)
             same, prefixes, top1 = 0, [], []
@@ -316,8 +341,9 @@ def section_agreement(args) -> dict:
                 out[key]["teacher_forced_top1_agreement_pct"] = round(100 * statistics.mean(top1), 1)
             print(key, out[key], flush=True)
         del scorer
+    served = fast.description
     fast.close()
-    return {**out, "served_weights": fast.description, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
+    return {**out, "served_weights": served, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
 
 
 def run_sessions(start_chat, questions: list[str], n: int, turns: int, staggered: bool, seed: int) -> dict:

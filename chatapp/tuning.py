@@ -1307,6 +1307,9 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
             shutil.rmtree(stale, ignore_errors=True)
         _prune_runs(settings, tuning.keep_runs)
         if gate["passed"] and promote:
+            from chatapp.fastgen import premerge_adapter
+
+            premerge_adapter(settings, info.path)  # the fast path's weights ready before the app sees the promotion
             registry.promote(info.version, reason="gate passed")
             status, message = "promoted", f"adapter {info.version} passed the gate and is now active"
         elif gate["passed"]:

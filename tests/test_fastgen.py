@@ -26,6 +26,7 @@ from chatapp.fastgen import (  # noqa: E402
     base_gguf,
     convert_peft_adapter,
     load_fast_model,
+    merge_peft_adapter,
     serving_gguf,
 )
 from chatapp.model import ModelError, TransformersModel  # noqa: E402
@@ -83,7 +84,8 @@ def served_gguf(gguf_path: Path, smollm2_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def fast(served_gguf: Path, gguf_path: Path, smollm2_dir: Path, tmp_path_factory):
     model = LlamaCppModel(served_gguf, smollm2_dir, "SmolLM2", threads=2, sessions=4, context_tokens=1024,
-                          cache_dir=tmp_path_factory.mktemp("cache"), source_gguf=gguf_path)
+                          cache_dir=tmp_path_factory.mktemp("cache"), source_gguf=gguf_path,
+                          weights=Settings().model.fast_weights)
     yield model
     model.close()
 
@@ -101,8 +103,8 @@ def answer(model, question: str, gen: GenerationSettings = GREEDY) -> str:
 # The adapter conversion
 
 
-def test_converted_lora_gives_the_logits_peft_gives(smollm2_dir: Path, gguf_path: Path, tmp_path: Path):
-    """Teacher-forced: llama.cpp + the converted GGUF LoRA moves the logits the way peft's adapter moves them."""
+def test_converted_and_merged_lora_give_the_logits_peft_gives(smollm2_dir: Path, gguf_path: Path, tmp_path: Path):
+    """Teacher-forced: llama.cpp with the converted GGUF LoRA, or with it merged, gives the logits peft's adapter gives."""
     from llama_cpp import Llama
     from peft import PeftModel
 
@@ -124,6 +126,14 @@ def test_converted_lora_gives_the_logits_peft_gives(smollm2_dir: Path, gguf_path
     assert np.abs(shift_hf).mean() > 1.0, "the test adapter should change the model a lot"
     assert np.corrcoef(shift_hf, shift_cpp)[0, 1] > 0.95, "llama.cpp applies a different LoRA than peft"
     assert (cpp_lora.argmax(-1) == hf_lora.argmax(-1)).mean() >= 0.9
+
+    # What the serving path runs: the adapter merged into the weights (f16 here: no second quantization step).
+    merged = Llama(str(merge_peft_adapter(strong, gguf_path, "f16")), n_ctx=512, n_threads=2, logits_all=True,
+                   verbose=False)
+    merged.eval(ids)
+    cpp_merged = np.array(merged.scores[: len(ids)])
+    assert np.corrcoef(hf_lora.ravel(), cpp_merged.ravel())[0, 1] > 0.999, "the merge differs from peft's adapter"
+    assert (cpp_merged.argmax(-1) == hf_lora.argmax(-1)).mean() >= 0.95
 
 
 def test_conversion_is_cached_in_the_adapter_folder_and_redone_when_retrained(adapter: Path, gguf_path: Path, tmp_path):
@@ -209,7 +219,7 @@ def test_greedy_answers_with_the_adapter_follow_the_transformers_path(fast: Llam
 def test_f16_weights_give_the_transformers_paths_greedy_answers(gguf_path, smollm2_dir, slow_path, adapter: Path):
     """fast_weights = "f16": the same dequantized weights as transformers, so the same greedy answers."""
     f16 = LlamaCppModel(serving_gguf(gguf_path, smollm2_dir.parent, "f16"), smollm2_dir, "SmolLM2", threads=2,
-                        sessions=1, context_tokens=512, source_gguf=gguf_path)
+                        sessions=1, context_tokens=512, source_gguf=gguf_path, weights="f16")
     f16.set_adapter(adapter, "v-test")
     slow_path.set_adapter(adapter, "v-test")
     try:
@@ -221,15 +231,15 @@ def test_f16_weights_give_the_transformers_paths_greedy_answers(gguf_path, smoll
     assert same >= len(QUESTIONS) - 1, f"only {same}/{len(QUESTIONS)} greedy answers agree: {pairs}"
 
 
-def test_the_scheduler_decodes_exactly_like_plain_llama_cpp(fast: LlamaCppModel, served_gguf: Path, adapter: Path):
-    """Same weights, same converted LoRA: the batched scheduler must produce llama.cpp's own greedy tokens."""
+def test_the_scheduler_decodes_exactly_like_plain_llama_cpp(fast: LlamaCppModel, adapter: Path):
+    """Same weights file (the adapter merged in): the batched scheduler must produce llama.cpp's own greedy tokens,
+    also when the prompt's start is taken from an earlier answer's keys/values instead of computed again."""
     from llama_cpp import Llama
 
     gen = GenerationSettings(max_new_tokens=32, temperature=0.0, repetition_penalty=1.0)
-    lora = convert_peft_adapter(adapter, fast.source_gguf)
-    # flash_attn=False: what the serving context uses (measured faster on this CPU)
-    plain = Llama(str(served_gguf), n_ctx=1024, n_threads=2, verbose=False, lora_path=str(lora), flash_attn=False)
     fast.set_adapter(adapter, "v-test")
+    # flash_attn=False: what the serving context uses (measured faster on this CPU)
+    plain = Llama(str(fast.gguf_path), n_ctx=1024, n_threads=2, verbose=False, flash_attn=False)
     try:
         for question in QUESTIONS[:3]:
             ids = fast.prompt_ids(chat(question))
@@ -238,9 +248,23 @@ def test_the_scheduler_decodes_exactly_like_plain_llama_cpp(fast: LlamaCppModel,
                 if token == plain.token_eos() or len(tokens) == gen.max_new_tokens:
                     break
                 tokens.append(token)
-            assert answer(fast, question, gen) == plain.detokenize(tokens).decode("utf-8", "replace")
+            expected = plain.detokenize(tokens).decode("utf-8", "replace")
+            reused = fast.reused_tokens
+            assert answer(fast, question, gen) == expected
+            assert answer(fast, question, gen) == expected, "reusing the cached prompt changed the answer"
+            assert fast.reused_tokens - reused >= len(ids) - 1, "the repeated prompt was computed again"
     finally:
         fast.set_adapter(None)
+
+
+def test_prompts_sharing_a_start_reuse_its_keys_and_values(fast: LlamaCppModel):
+    """Each prompt opens with the same system message; the second and later prompts must not compute it again."""
+    system = len(fast.prompt_ids([chat("x")[0]]))
+    answer(fast, QUESTIONS[4])
+    before_prompt, before_reused = fast.prompt_tokens, fast.reused_tokens
+    answer(fast, QUESTIONS[5])
+    assert fast.reused_tokens - before_reused >= system - 2
+    assert fast.prompt_tokens - before_prompt == fast.count_tokens(chat(QUESTIONS[5]))
 
 
 def test_an_answer_in_flight_keeps_its_adapter_while_a_new_one_is_promoted(fast: LlamaCppModel, adapter: Path):
@@ -277,7 +301,7 @@ def test_stop_event_and_closing_the_stream_end_the_answer_and_free_the_session(f
         next(stream)
         stream.close()
     assert answer(fast, QUESTIONS[2]).strip(), "sessions leaked: a new answer could not start"
-    assert not fast._active and len(fast._free_seqs) == fast.sessions
+    assert fast.idle()
 
 
 def test_too_long_prompt_is_a_clear_error(fast: LlamaCppModel):

@@ -38,7 +38,7 @@ def model(smollm2_dir: Path):
     source = base_gguf(Settings())
     served = serving_gguf(source, smollm2_dir.parent, Settings().model.fast_weights)
     model = LlamaCppModel(served, smollm2_dir, "SmolLM2", threads=2, sessions=4, context_tokens=1024,
-                          source_gguf=source)
+                          source_gguf=source, weights=Settings().model.fast_weights)
     yield model
     model.close()
 
@@ -51,7 +51,7 @@ def test_concurrent_sessions_get_their_own_answers(model: LlamaCppModel):
         together = dict(zip(QUESTIONS, pool.map(lambda q: "".join(model.stream(chat(q), GREEDY)), QUESTIONS)))
     mixed = [q for q in QUESTIONS if together[q] != alone[q]]
     assert not mixed, f"answers changed when run together: {[(alone[q], together[q]) for q in mixed]}"
-    assert not model._active and len(model._free_seqs) == model.sessions
+    assert model.idle()
 
 
 def test_a_long_answer_does_not_stall_a_new_session(model: LlamaCppModel):
