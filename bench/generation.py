@@ -14,9 +14,9 @@ Sections (each runs in its own subprocess, so its peak RSS and thread settings a
 - agreement: transformers+peft vs the serving path on a fixed prompt set: share of prompts whose first 32
   greedy tokens are identical, mean common prefix, and teacher-forced top-1 agreement (llama.cpp's argmax at every
   position of the transformers path's greedy answer).
-- concurrency: 1, 4 and 20 sessions straight on the backend, both as a burst (all press Enter at the same instant)
-  and as staggered chats (random start in the first 3 s, 0.5-2 s between a session's turns): p50/p95 TTFT and
-  aggregate tokens/s.
+- concurrency: 1, 4 and 20 sessions straight on the backend, arriving as a burst (all press Enter at the same
+  instant), staggered (random start in the first 3 s, 0.5-2 s between a session's turns) and chatting (start in the
+  first 20 s, 8-20 s to read an answer and type the next message): p50/p95 TTFT and aggregate tokens/s.
 - app: the same through the real app (`launch.py`, its Gradio queue, retrieval and prompt templates) with one
   `gradio_client.Client` per session.
 Every section uses the SmolLM2 default model; llama-cpp-python is installed into this environment if it is missing.
@@ -346,14 +346,22 @@ def section_agreement(args) -> dict:
     return {**out, "served_weights": served, "adapter": str(adapter), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_sessions(start_chat, questions: list[str], n: int, turns: int, staggered: bool, seed: int) -> dict:
-    """n sessions at once; each runs `turns` chats; start_chat(question) -> iterator of text (cumulative or pieces)."""
+MODES = {  # how sessions arrive: (turns each, start spread s, pause between a session's turns s)
+    "burst": (1, 0.0, (0.0, 0.0)),  # everyone presses Enter at the same instant
+    "staggered": (3, 3.0, (0.5, 2.0)),  # start within 3 s, next message 0.5-2 s after an answer ends
+    "chatting": (3, 20.0, (8.0, 20.0)),  # people reading the answer and typing the next message
+}
+
+
+def run_sessions(start_chat, questions: list[str], n: int, mode: str, seed: int) -> dict:
+    """n sessions at once, arriving as MODES[mode] says; start_chat(question) -> iterator of token counts."""
+    turns, spread, (pause_lo, pause_hi) = MODES[mode]
     rng = random.Random(seed)
     records: list[dict] = []
     lock = threading.Lock()
     begin = time.perf_counter() + 0.2
-    offsets = [rng.uniform(0, 3.0) if staggered else 0.0 for _ in range(n)]
-    pauses = [[rng.uniform(0.5, 2.0) for _ in range(turns)] for _ in range(n)]
+    offsets = [rng.uniform(0, spread) for _ in range(n)]
+    pauses = [[rng.uniform(pause_lo, pause_hi) for _ in range(turns)] for _ in range(n)]
 
     def session(i: int) -> None:
         time.sleep(max(0.0, begin + offsets[i] - time.perf_counter()))
@@ -378,7 +386,7 @@ def run_sessions(start_chat, questions: list[str], n: int, turns: int, staggered
         t.join()
     ttfts = [r["ttft"] for r in records]
     window = max(r["end"] for r in records) - min(r["start"] for r in records)
-    return {"sessions": n, "turns_each": turns, "answers": len(records),
+    return {"mode": mode, "sessions": n, "turns_each": turns, "answers": len(records),
             "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
             "ttft_max_s": round(max(ttfts), 3), "aggregate_tok_s": round(sum(r["tokens"] for r in records) / window, 1),
             "mean_tokens_per_answer": round(statistics.mean(r["tokens"] for r in records), 1)}
@@ -398,11 +406,15 @@ def section_concurrency(args) -> dict:
     model = serving_model(args, base_dir)
     model.set_adapter(adapter, "bench")
     gen = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.3, repetition_penalty=1.1)
-    prompts = {q: prompt_of(model.tokenizer, q) for q in QUESTIONS}
+    # A prompt of its own for every answer (see prompt_of): only the chat template's first tokens are shared.
+    prompts = iter([prompt_of(model.tokenizer, QUESTIONS[k % len(QUESTIONS)], ticket=k) for k in range(400)])
+    prompts_lock = threading.Lock()
 
     def start_chat(question: str):
+        with prompts_lock:
+            messages = next(prompts)
         text = ""
-        for piece in model.stream(prompts[question], gen):
+        for piece in model.stream(messages, gen):
             text += piece
             yield len(text) // 4 or 1  # cheap progress; exact count below
         yield len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -410,14 +422,14 @@ def section_concurrency(args) -> dict:
     results = []
     list(start_chat(QUESTIONS[0]))  # warm-up
     for n in args.sessions:
-        for mode in ("burst", "staggered"):
-            if n == 1 and mode == "staggered":
+        for mode in MODES:
+            if n == 1 and mode != "burst":
                 continue
-            result = run_sessions(start_chat, QUESTIONS, n, 1 if mode == "burst" else 3, mode == "staggered", seed=n)
-            results.append({"mode": mode, **result})
+            results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
             print(results[-1], flush=True)
     model.close()
     return {**summarize_concurrency(results), "prompt_tokens": 200, "max_new_tokens": args.new_tokens,
+            "modes": {k: {"turns": t, "start_within_s": w, "pause_s": p} for k, (t, w, p) in MODES.items()},
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -479,14 +491,15 @@ def section_app(args) -> dict:
 
         results = []
         clients.append(Client(url, verbose=False))
-        list(start_chat(QUESTIONS[0]))  # warm-up (index, first prompt render)
+        # Warm-up (index, first prompt render) with a question of its own: a measured prompt must not be one the
+        # serving path has just computed (it would reuse all of it).
+        list(start_chat("Hello, is anyone there?"))
         for n in args.sessions:
-            for mode in ("burst", "staggered"):
-                if n == 1 and mode == "staggered":
+            for mode in MODES:
+                if n == 1 and mode != "burst":
                     continue
                 clients[:] = [Client(url, verbose=False) for _ in range(n)]  # fresh sessions, no old history
-                result = run_sessions(start_chat, QUESTIONS, n, 1 if mode == "burst" else 3, mode == "staggered", seed=n)
-                results.append({"mode": mode, **result})
+                results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
                 print(results[-1], flush=True)
         backend_line = next((line for line in log_path.read_text().splitlines() if "serving" in line or "falling back" in line), "")
         return {**summarize_concurrency(results), "backend": args.app_backend, "app_log_backend_line": backend_line,

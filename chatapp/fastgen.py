@@ -72,6 +72,7 @@ def import_llama_cpp():
 LORA_FORMAT = 1  # bump when convert_peft_adapter's output changes, so cached .gguf adapters are rebuilt
 SAMPLING_TOP_K = 50  # transformers' GenerationConfig default, applied by the transformers path too
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens per batched step: a new prompt is prefilled in one step, decoders wait ≤ 1
+REUSE_MARGIN = 32  # prompt tokens a non-lowest session slot must save to be chosen (see LlamaCppModel._admit)
 
 
 class UnsupportedAdapter(ModelError):
@@ -437,7 +438,7 @@ class LlamaCppModel:
             raise ModelError(f"llama.cpp cannot create a context for {path} ({self.sessions} sessions)")
         self.context_tokens = llama.llama_n_ctx_seq(ctx)
         return _Engine(version, Path(path), model, ctx, llama.llama_get_memory(ctx), llama.llama_model_get_vocab(model),
-                       llama.llama_batch_init(params.n_batch, 0, 1), list(range(self.sessions - 1, -1, -1)),
+                       llama.llama_batch_init(params.n_batch, 0, 1), list(range(self.sessions)),
                        [[] for _ in range(self.sessions)])
 
     def _close_engine(self, engine: _Engine) -> None:
@@ -597,12 +598,15 @@ class LlamaCppModel:
             request.out.put(_FINISHED)
 
     def _admit(self, request: _Request) -> None:
-        """Give the request the free session slot whose cached tokens share the longest start with its prompt."""
+        """Give the request a free session slot: the lowest id, unless another slot's cached tokens share a start with
+        the prompt that is REUSE_MARGIN tokens longer (a conversation's previous turn, the same question again)."""
         engine = request.engine
-        seq = max(engine.free_seqs, key=lambda s: _common_prefix(engine.cached[s], request.prompt))
+        shared = {seq: _common_prefix(engine.cached[seq], request.prompt) if self.reuse_prefix else 0
+                  for seq in engine.free_seqs}
+        best = max(shared.values())
+        seq = min(s for s, n in shared.items() if n >= best - REUSE_MARGIN)
         engine.free_seqs.remove(seq)
-        keep = _common_prefix(engine.cached[seq], request.prompt) if self.reuse_prefix else 0
-        keep = min(keep, len(request.prompt) - 1)  # the last prompt token is always computed: its logits are needed
+        keep = min(shared[seq], len(request.prompt) - 1)  # the last prompt token is always computed: its logits
         if not self.llama.llama_memory_seq_rm(engine.memory, seq, keep, -1):
             self.llama.llama_memory_seq_rm(engine.memory, seq, -1, -1)
             keep = 0
@@ -635,26 +639,31 @@ class LlamaCppModel:
             batch.seq_id[count][0], batch.logits[count] = seq, wants_logits
             count += 1
 
+        # llama.cpp computes a batch over per-session KV streams in one pass only for runs of consecutive, increasing
+        # session ids (llama_batch_allocr::split_equal); any other order costs one pass per session. So: entries in
+        # session order, and new prompts get the lowest free ids (_admit) to keep the running sessions consecutive.
+        # Measured (2 cores, 64 tokens each): 20 sessions decoding 217 ms per step in arrival order.
         sampling: list[_Request] = []
-        for request in group:
+        budget = PREFILL_TOKENS_PER_STEP
+        chunks: dict[int, int] = {}  # prefilling request -> prompt tokens it gets this step
+        for request in group:  # prefilling, oldest first, so a burst of new prompts is served in arrival order
+            if request.next_token < 0 and budget > 0:
+                chunks[id(request)] = min(budget, len(request.prompt) - request.n_past)
+                budget -= chunks[id(request)]
+        for request in sorted(group, key=lambda r: r.seq):
             if request.next_token >= 0:  # decoding: feed the last sampled token
                 request.output_index = count
                 add(request.next_token, request.n_past, request.seq, True)
                 request.n_past += 1
                 sampling.append(request)
-        budget = PREFILL_TOKENS_PER_STEP
-        for request in group:  # prefilling, oldest first, so a burst of new prompts is served in arrival order
-            if request.next_token >= 0 or budget <= 0:
-                continue
-            chunk = request.prompt[request.n_past : request.n_past + budget]
-            for i, token in enumerate(chunk):
-                last = request.n_past + i == len(request.prompt) - 1
-                if last:
-                    request.output_index = count
-                    sampling.append(request)
-                add(token, request.n_past + i, request.seq, last)
-            request.n_past += len(chunk)
-            budget -= len(chunk)
+            elif id(request) in chunks:
+                for i, token in enumerate(request.prompt[request.n_past : request.n_past + chunks[id(request)]]):
+                    last = request.n_past + i == len(request.prompt) - 1
+                    if last:
+                        request.output_index = count
+                        sampling.append(request)
+                    add(token, request.n_past + i, request.seq, last)
+                request.n_past += chunks[id(request)]
         batch.n_tokens = count
         code = self.llama.llama_decode(engine.ctx, batch)
         if code != 0:
@@ -742,12 +751,12 @@ WEIGHT_TYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_
 def serving_gguf(source: Path, cache_dir: Path, weights: str = "q8_0") -> Path:
     """The GGUF llama.cpp serves: the package's file re-encoded once (cached, atomically) unless weights="as-is".
 
-    Why: llama.cpp has no fast CPU matrix kernels for Q4_1, so the package's Q4_1 SmolLM2 prefills slowly (a 200-token
-    prompt: ~0.9 s on 2 cores). Measured with bench/generation.py (2 cores, LoRA applied, 200-token prompt):
-    Q8_0 -- first token 0.5-0.6 s, 64-66 tokens/s, 96-97% teacher-forced top-1 agreement with the transformers path (its
-    int8 activations round differently); Q4_0 -- 0.36 s, 95 tokens/s, but only 72% agreement (a second 4-bit rounding);
-    Q4_K_M -- 0.47 s, 84 tokens/s, 85%; as-is Q4_1 -- 0.9 s, 64-77 tokens/s; F16 -- exact for Q4_1's values and
-    99.7% agreement, at some decode speed. Q8_0 is the default: fast first tokens without changing the answers.
+    Why: llama.cpp has no fast CPU matrix kernels for Q4_1, so the package's Q4_1 SmolLM2 computes prompts slowly.
+    Measured here (2 cores, 200-token prompt, no adapter, same process, 2026-11-23): as-is Q4_1 -- first token
+    0.72 s, 101 tokens/s; Q8_0 -- 0.40 s, 90 tokens/s, 95.5% teacher-forced top-1 agreement with the transformers path
+    (int8 activations round differently); Q4_0 -- 0.30 s, 126 tokens/s, but only 72% agreement (a second 4-bit
+    rounding); Q4_K_M -- 0.42 s, 106 tokens/s, 85%; F16 -- 0.39 s, 54 tokens/s, ~100% agreement. Q8_0 is the default:
+    fast first tokens without changing the answers. A merged adapter is encoded the same way (merge_peft_adapter).
     """
     if weights == "as-is":
         return source

@@ -173,19 +173,31 @@ def test_read_only_adapter_folder_is_converted_into_the_fallback(adapter: Path, 
         ro.chmod(0o755)
 
 
-def test_bad_adapters_are_refused_with_a_clear_message(tiny_model_dir: Path, gguf_path: Path, tmp_path: Path, adapter):
+def test_bad_adapters_are_refused_with_a_clear_message(fast: LlamaCppModel, tiny_model_dir: Path, gguf_path: Path,
+                                                      tmp_path: Path, adapter):
+    """The serving path refuses them, says why, and keeps answering on what it had; nothing half-written is left."""
     with pytest.raises(ModelError, match="adapter_config.json"):
         convert_peft_adapter(tmp_path / "nothing-here", gguf_path)
     other_base = make_peft_adapter(tiny_model_dir, tmp_path / "tiny-adapter", seed=0, std=0.1)
-    with pytest.raises(ModelError, match="does not fit"):
-        convert_peft_adapter(other_base, gguf_path)
     dora = tmp_path / "dora"
     dora.mkdir()
     (dora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     config = json.loads((adapter / "adapter_config.json").read_text()) | {"use_dora": True}
     (dora / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedAdapter, match="use_dora"):
-        convert_peft_adapter(dora, gguf_path)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    (truncated / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes()[:5000])
+
+    before = answer(fast, QUESTIONS[0])
+    for bad, error, message in ((tmp_path / "nothing-here", ModelError, "adapter_config.json"),
+                                (other_base, ModelError, "does not fit"), (dora, UnsupportedAdapter, "use_dora"),
+                                (truncated, Exception, "")):
+        with pytest.raises(error, match=message):
+            fast.set_adapter(bad, "bad")
+        assert fast.adapter_version is None and answer(fast, QUESTIONS[0]) == before
+        if bad.exists():
+            assert not [p.name for p in bad.iterdir() if "llamacpp" in p.name], "a half-built file was left behind"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
