@@ -362,9 +362,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LlamaCppModel:
     """`ChatModel` on llama.cpp: one context, one KV stream per session, one scheduler thread batching all of them.
 
-    A finished answer leaves its keys/values in its session slot; the next prompt goes to the free slot sharing the
-    longest start with it and is computed from there on. Every prompt starts with the same system instructions, and
-    a conversation's next turn starts with its previous one, so most of a prompt is usually already computed.
+    A finished answer leaves its keys/values in its session slot, and a new prompt is computed only from where it
+    differs from its slot's tokens: every prompt of a template starts with the same system message, and a repeated
+    question (or a client that resends the whole conversation) shares much more.
     """
 
     def __init__(
