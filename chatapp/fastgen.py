@@ -212,7 +212,11 @@ def _lora_tensors_for_gguf(adapter_dir: Path, base_gguf: Path, reader=None) -> d
     tensor_names = gguf.get_tensor_name_map(arch, hparam("block_count"))
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+    try:
+        saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelError(f"adapter {adapter_dir}: adapter_model.safetensors is unreadable ({exc})") from exc
+    for key, value in saved.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if match is None:
             raise UnsupportedAdapter(f"adapter {adapter_dir}: tensor {key!r} is not a LoRA A/B matrix")

@@ -192,7 +192,7 @@ def test_bad_adapters_are_refused_with_a_clear_message(fast: LlamaCppModel, tiny
     before = answer(fast, QUESTIONS[0])
     for bad, error, message in ((tmp_path / "nothing-here", ModelError, "adapter_config.json"),
                                 (other_base, ModelError, "does not fit"), (dora, UnsupportedAdapter, "use_dora"),
-                                (truncated, Exception, "")):
+                                (truncated, ModelError, "unreadable")):
         with pytest.raises(error, match=message):
             fast.set_adapter(bad, "bad")
         assert fast.adapter_version is None and answer(fast, QUESTIONS[0]) == before
