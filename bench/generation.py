@@ -439,6 +439,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def streamed_outputs(job, poll_s: float = 0.01):
+    """A gradio_client job's outputs as they arrive. Why not `for output in job`: its iterator checks for news every
+    millisecond under a lock; twenty of them are twenty threads spinning on the two cores the app answers on."""
+    seen = 0
+    while True:
+        done = job.done()
+        outputs = job.outputs()
+        if len(outputs) > seen:
+            yield from outputs[seen:]
+            seen = len(outputs)
+        elif done:
+            return
+        else:
+            time.sleep(poll_s)
+
+
 def section_app(args) -> dict:
     """Sessions through the real app: launch.py in a subprocess, one gradio_client.Client per session."""
     from gradio_client import Client
@@ -479,7 +495,7 @@ def section_app(args) -> dict:
                     local.client = clients.pop()
             job = local.client.submit(question, "auto", 0.3, args.new_tokens, api_name="/chat")
             text = ""
-            for output in job:
+            for output in streamed_outputs(job):
                 bubbles = output[0] if output else []
                 if bubbles and bubbles[-1].get("role") == "assistant":
                     content = bubbles[-1]["content"]
