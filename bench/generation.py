@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import machine_info, write_result  # noqa: E402
+from chatapp.benchutil import write_result  # noqa: E402
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")

@@ -649,25 +649,25 @@ class LlamaCppModel:
         # Measured (2 cores, 64 tokens each): 20 sessions decoding 217 ms per step in arrival order.
         sampling: list[_Request] = []
         budget = PREFILL_TOKENS_PER_STEP
-        chunks: dict[int, int] = {}  # prefilling request -> prompt tokens it gets this step
+        chunks: dict[_Request, int] = {}  # prefilling request -> prompt tokens it gets this step
         for request in group:  # prefilling, oldest first, so a burst of new prompts is served in arrival order
             if request.next_token < 0 and budget > 0:
-                chunks[id(request)] = min(budget, len(request.prompt) - request.n_past)
-                budget -= chunks[id(request)]
+                chunks[request] = min(budget, len(request.prompt) - request.n_past)
+                budget -= chunks[request]
         for request in sorted(group, key=lambda r: r.seq):
             if request.next_token >= 0:  # decoding: feed the last sampled token
                 request.output_index = count
                 add(request.next_token, request.n_past, request.seq, True)
                 request.n_past += 1
                 sampling.append(request)
-            elif id(request) in chunks:
-                for i, token in enumerate(request.prompt[request.n_past : request.n_past + chunks[id(request)]]):
+            elif request in chunks:
+                for i, token in enumerate(request.prompt[request.n_past : request.n_past + chunks[request]]):
                     last = request.n_past + i == len(request.prompt) - 1
                     if last:
                         request.output_index = count
                         sampling.append(request)
                     add(token, request.n_past + i, request.seq, last)
-                request.n_past += chunks[id(request)]
+                request.n_past += chunks[request]
         batch.n_tokens = count
         code = self.llama.llama_decode(engine.ctx, batch)
         if code != 0:

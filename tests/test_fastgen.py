@@ -19,7 +19,7 @@ from conftest import llama_cpp_or_skip
 llama_cpp_or_skip()  # before any other llama.cpp user in this process
 pytestmark = pytest.mark.slow  # the real default model
 
-from chatapp.config import REPO_ROOT, GenerationSettings, ModelSettings, Settings  # noqa: E402
+from chatapp.config import REPO_ROOT, GenerationSettings, Settings  # noqa: E402
 from chatapp.fastgen import (  # noqa: E402
     LlamaCppModel,
     UnsupportedAdapter,
