@@ -347,10 +347,16 @@ def section_agreement(args) -> dict:
 
 
 MODES = {  # how sessions arrive: (turns each, start spread s, pause between a session's turns s)
+    "alone": (3, 0.0, (1.0, 1.0)),  # one person: a question, then two follow-ups (the single-session figure)
     "burst": (1, 0.0, (0.0, 0.0)),  # everyone presses Enter at the same instant
     "staggered": (3, 3.0, (0.5, 2.0)),  # start within 3 s, next message 0.5-2 s after an answer ends
     "chatting": (3, 20.0, (8.0, 20.0)),  # people reading the answer and typing the next message
 }
+
+
+def modes_for(sessions: int) -> list[str]:
+    """One session chats alone (its median first-token time is the single-session figure); more arrive together."""
+    return ["alone"] if sessions == 1 else [mode for mode in MODES if mode != "alone"]
 
 
 def run_sessions(start_chat, questions: list[str], n: int, mode: str, seed: int) -> dict:
@@ -368,14 +374,15 @@ def run_sessions(start_chat, questions: list[str], n: int, mode: str, seed: int)
         for turn in range(turns):
             question = questions[(i * turns + turn) % len(questions)]
             started = time.perf_counter()
-            first, tokens = None, 0
+            first, last, longest_pause, tokens = None, None, 0.0, 0
             for tokens_so_far in start_chat(question):
-                if first is None:
-                    first = time.perf_counter()
-                tokens = tokens_so_far
+                now = time.perf_counter()
+                first = first or now
+                longest_pause = max(longest_pause, now - (last or now))
+                last, tokens = now, tokens_so_far
             with lock:
                 records.append({"session": i, "ttft": (first or time.perf_counter()) - started, "tokens": tokens,
-                                "start": started, "end": time.perf_counter()})
+                                "start": started, "end": time.perf_counter(), "longest_pause": longest_pause})
             if turn < turns - 1:
                 time.sleep(pauses[i][turn])
 
@@ -385,15 +392,18 @@ def run_sessions(start_chat, questions: list[str], n: int, mode: str, seed: int)
     for t in threads:
         t.join()
     ttfts = [r["ttft"] for r in records]
+    pauses = [r["longest_pause"] for r in records]
     window = max(r["end"] for r in records) - min(r["start"] for r in records)
     return {"mode": mode, "sessions": n, "turns_each": turns, "answers": len(records),
             "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_p95_s": round(percentile(ttfts, 95), 3),
             "ttft_max_s": round(max(ttfts), 3), "aggregate_tok_s": round(sum(r["tokens"] for r in records) / window, 1),
+            # "no session may stall the others": the longest wait between two pieces of one streaming answer
+            "longest_pause_p95_s": round(percentile(pauses, 95), 3), "longest_pause_max_s": round(max(pauses), 3),
             "mean_tokens_per_answer": round(statistics.mean(r["tokens"] for r in records), 1)}
 
 
 def summarize_concurrency(results: list[dict]) -> dict:
-    single = next((r["ttft_p50_s"] for r in results if r["sessions"] == 1 and r["mode"] == "burst"), None)
+    single = next((r["ttft_p50_s"] for r in results if r["mode"] == "alone"), None)
     for r in results:
         r["p95_over_single"] = round(r["ttft_p95_s"] / single, 2) if single else None
     return {"runs": results, "single_session_ttft_s": single}
@@ -422,9 +432,7 @@ def section_concurrency(args) -> dict:
     results = []
     list(start_chat(QUESTIONS[0]))  # warm-up
     for n in args.sessions:
-        for mode in MODES:
-            if n == 1 and mode != "burst":
-                continue
+        for mode in modes_for(n):
             results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
             print(results[-1], flush=True)
     model.close()
@@ -453,6 +461,13 @@ def streamed_outputs(job, poll_s: float = 0.01):
             return
         else:
             time.sleep(poll_s)
+
+
+def bubble_text(content) -> str:
+    """A chat message's text as gradio_client returns it: Gradio 6 sends a list of parts ({"type": "text", ...})."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
 
 
 def section_app(args) -> dict:
@@ -498,9 +513,7 @@ def section_app(args) -> dict:
             for output in streamed_outputs(job):
                 bubbles = output[0] if output else []
                 if bubbles and bubbles[-1].get("role") == "assistant":
-                    content = bubbles[-1]["content"]
-                    content = content if isinstance(content, str) else str(content)
-                    text = content.split("\n\n<sub>")[0]
+                    text = bubble_text(bubbles[-1]["content"]).split("\n\n<sub>")[0]  # the answer, not its sources
                     if text not in ("…", ""):
                         yield 1
             yield len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -511,9 +524,7 @@ def section_app(args) -> dict:
         # serving path has just computed (it would reuse all of it).
         list(start_chat("Hello, is anyone there?"))
         for n in args.sessions:
-            for mode in MODES:
-                if n == 1 and mode != "burst":
-                    continue
+            for mode in modes_for(n):
                 clients[:] = [Client(url, verbose=False) for _ in range(n)]  # fresh sessions, no old history
                 results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
                 print(results[-1], flush=True)

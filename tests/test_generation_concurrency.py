@@ -14,7 +14,7 @@ from conftest import llama_cpp_or_skip
 llama_cpp_or_skip()  # before any other llama.cpp user in this process
 
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
-from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf  # noqa: E402
+from chatapp.fastgen import PREFILL_TOKENS_WHILE_DECODING, LlamaCppModel, base_gguf, serving_gguf  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the real default model
 
@@ -81,6 +81,34 @@ def test_a_long_answer_does_not_stall_a_new_session(model: LlamaCppModel):
     stream.close()
     worker.join()
     assert len(long_pieces) > 40
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_streaming_answers_tokens(model: LlamaCppModel):
+    """A prompt several prefill chunks long, arriving while another answer streams: the streaming answer keeps getting
+    tokens while that prompt is computed (not one ~1 s pause), and the chunked prompt gets its answer alone's tokens."""
+    details = " ".join(f"Item {i}: a blue rain jacket, size M, order 55{i:02d}, shipped on day {i}." for i in range(24))
+    question = [{"role": "user", "content": f"{details}\nWhich item was shipped on day 7?"}]
+    assert len(model.prompt_ids(question)) > 4 * PREFILL_TOKENS_WHILE_DECODING
+    alone = "".join(model.stream(question, GREEDY))
+
+    long = GenerationSettings(max_new_tokens=400, temperature=0.0, repetition_penalty=1.1)
+    streamed: list[float] = []
+    worker = threading.Thread(target=lambda: [streamed.append(time.perf_counter()) for _ in model.stream(
+        chat("Write a very long, detailed story about a parcel lost in the mail."), long)])
+    worker.start()
+    while len(streamed) < 5:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    pieces = model.stream(question, GREEDY)
+    first = next(pieces)
+    first_at = time.perf_counter()
+    together = first + "".join(pieces)
+    during_prefill = [t for t in streamed if started < t < first_at]
+    worker.join()
+    assert together == alone, "prefilling in chunks beside another answer changed the greedy answer"
+    chunks = len(model.prompt_ids(question)) // PREFILL_TOKENS_WHILE_DECODING
+    assert len(during_prefill) >= chunks, (
+        f"the streaming answer got {len(during_prefill)} pieces while a {chunks}-chunk prompt was computed")
 
 
 def test_stopping_one_session_leaves_the_others_running(model: LlamaCppModel):
