@@ -1,7 +1,7 @@
 """Generation speed and agreement: the transformers path (issue 2) and the llama.cpp serving path (issue 7).
 
     .venv/bin/python bench/generation.py                      # everything (~15 min on 2 busy cores)
-    .venv/bin/python bench/generation.py --only speed agreement
+    .venv/bin/python bench/generation.py --only speed agreement   # re-measures those, keeps the rest of the JSON
     .venv/bin/python bench/generation.py --adapter var/adapters/v3   # a real tuned adapter instead of a random one
 
 Sections (each runs in its own subprocess, so its peak RSS and thread settings are its own):
@@ -14,9 +14,10 @@ Sections (each runs in its own subprocess, so its peak RSS and thread settings a
 - agreement: transformers+peft vs the serving path on a fixed prompt set: share of prompts whose first 32
   greedy tokens are identical, mean common prefix, and teacher-forced top-1 agreement (llama.cpp's argmax at every
   position of the transformers path's greedy answer).
-- concurrency: 1, 4 and 20 sessions straight on the backend, arriving as a burst (all press Enter at the same
-  instant), staggered (random start in the first 3 s, 0.5-2 s between a session's turns) and chatting (start in the
-  first 20 s, 8-20 s to read an answer and type the next message): p50/p95 TTFT and aggregate tokens/s.
+- concurrency: one session alone (three questions in a row: the single-session figure), then 4 and 20 sessions
+  straight on the backend, arriving as a burst (all press Enter at the same instant), staggered (random start in the
+  first 3 s, 0.5-2 s between a session's turns) and chatting (start in the first 20 s, 8-20 s to read an answer and
+  type the next message): p50/p95 TTFT, aggregate tokens/s, and each answer's longest pause between two pieces.
 - app: the same through the real app (`launch.py`, its Gradio queue, retrieval and prompt templates) with one
   `gradio_client.Client` per session.
 Every section uses the SmolLM2 default model; llama-cpp-python is installed into this environment if it is missing.
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import write_result  # noqa: E402
+from chatapp.benchutil import RESULTS_DIR, write_result  # noqa: E402
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
@@ -568,7 +569,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if any(s != "transformers" for s in args.only):
         ensure_llama_cpp()
-    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "section"}}
+    settings = {k: v for k, v in vars(args).items() if k != "section"}
+    results: dict = {"settings": settings}
+    earlier = RESULTS_DIR / "generation.json"
+    if set(args.only) != set(SECTIONS) and earlier.is_file():  # --only refreshes those sections and keeps the rest
+        try:
+            results.update({k: v for k, v in json.loads(earlier.read_text()).items() if k in SECTIONS})
+        except ValueError:
+            pass
     for section in args.only:
         print(f"== {section}", flush=True)
         forwarded = _strip_only(argv if argv is not None else sys.argv[1:])
@@ -580,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stderr[-4000:], file=sys.stderr)
             results[section] = {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
             continue
-        results[section] = json.loads(line[len("RESULT "):])
+        results[section] = {**json.loads(line[len("RESULT "):]), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "settings": settings}
     results["targets"] = targets(results)
     write_result("generation", results)
     return 0

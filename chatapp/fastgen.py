@@ -5,8 +5,9 @@ Why this exists: plain transformers `generate` decodes SmolLM2 at about a sevent
 token ids on both paths) but runs the network in llama.cpp:
 
 - one llama.cpp context holds a KV stream per chat session (`n_seq_max`), and a scheduler thread decodes one token
-  for every active session in the same `llama_decode` call, prefilling new prompts in the same batch, so twenty
-  people typing at once cost little more than one and no session waits for another's answer to end;
+  for every active session in the same `llama_decode` call, prefilling new prompts in the same batch (in chunks
+  while others stream), so twenty people typing at once cost little more than one, no session waits for another's
+  answer to end, and no streaming answer freezes while a new prompt is computed;
 - a finished answer's keys/values stay in its slot, so a prompt that starts like an earlier one (the same system
   instructions, the same conversation's previous turn) computes only the part that differs;
 - training stays on transformers + peft: `set_adapter(peft_dir)` merges the PEFT LoRA into the weights once (cached
