@@ -92,9 +92,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_streaming_answers_toke
     alone = "".join(model.stream(question, GREEDY))
 
     long = GenerationSettings(max_new_tokens=400, temperature=0.0, repetition_penalty=1.1)
-    streamed: list[float] = []
-    worker = threading.Thread(target=lambda: [streamed.append(time.perf_counter()) for _ in model.stream(
-        chat("Write a very long, detailed story about a parcel lost in the mail."), long)])
+    streamed: list[float] = []  # when each piece of the long answer arrived
+
+    def long_chat() -> None:
+        for _ in model.stream(chat("Write a very long, detailed story about a parcel lost in the mail."), long):
+            streamed.append(time.perf_counter())
+
+    worker = threading.Thread(target=long_chat)
     worker.start()
     while len(streamed) < 5:
         time.sleep(0.01)
