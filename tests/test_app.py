@@ -138,6 +138,15 @@ def test_share_without_auth_is_refused(tiny_model_dir: Path, tmp_path: Path):
     assert "Refusing --share without --auth" in out and "--allow-public" in out
 
 
+def test_a_stuck_library_thread_cannot_keep_the_app_from_exiting():
+    """After its clean shutdown the app leaves within a grace period even if some thread never ends."""
+    code = ("import threading, time\nfrom chatapp.cli import _exit_within\n"
+            "threading.Thread(target=time.sleep, args=(600,)).start()\n_exit_within(1)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopping now" in proc.stderr
+
+
 def test_wrong_model_path_is_a_clear_error(tmp_path: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "launch.py"), "--model", "/no/such/model.gguf",

@@ -21,7 +21,8 @@ TABS = [
 
 def build(bot: Bot) -> gr.Blocks:
     """The whole app for `bot`; call `.launch()` on the result."""
-    with gr.Blocks(title=f"{bot.settings.ui.company} support") as app:
+    # analytics off: the app runs offline, and a support bot does not report its use to a third party
+    with gr.Blocks(title=f"{bot.settings.ui.company} support", analytics_enabled=False) as app:
         for title, module_name in TABS:
             with gr.Tab(title, id=module_name):
                 try:
