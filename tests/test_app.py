@@ -138,6 +138,22 @@ def test_share_without_auth_is_refused(tiny_model_dir: Path, tmp_path: Path):
     assert "Refusing --share without --auth" in out and "--allow-public" in out
 
 
+def test_sigterm_shuts_the_app_down_cleanly(tiny_model_dir: Path, tmp_path: Path):
+    """docker stop / systemd send SIGTERM: the app takes the same clean path as Ctrl-C (feedback flushed, exit 0)."""
+    proc = run_launch("--port", str(free_port()), tiny_model_dir=tiny_model_dir, data_dir=tmp_path)
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any("Chat app ready" in line for line in lines):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, ("".join(lines) + rest)[-2000:]
+    assert "Shutting down" in rest
+
+
 def test_a_stuck_library_thread_cannot_keep_the_app_from_exiting():
     """After its clean shutdown the app leaves within a grace period even if some thread never ends."""
     code = ("import threading, time\nfrom chatapp.cli import _exit_within\n"
