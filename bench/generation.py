@@ -30,7 +30,6 @@ import os
 import random
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import RESULTS_DIR, write_result  # noqa: E402
+from chatapp.benchutil import RESULTS_DIR, free_port, message_text, write_result  # noqa: E402
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
@@ -442,12 +441,6 @@ def section_concurrency(args) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def streamed_outputs(job, poll_s: float = 0.01):
     """A gradio_client job's outputs as they arrive. Why not `for output in job`: its iterator checks for news every
     millisecond under a lock; twenty of them are twenty threads spinning on the two cores the app answers on."""
@@ -462,13 +455,6 @@ def streamed_outputs(job, poll_s: float = 0.01):
             return
         else:
             time.sleep(poll_s)
-
-
-def bubble_text(content) -> str:
-    """A chat message's text as gradio_client returns it: Gradio 6 sends a list of parts ({"type": "text", ...})."""
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
 
 
 def section_app(args) -> dict:
@@ -514,7 +500,7 @@ def section_app(args) -> dict:
             for output in streamed_outputs(job):
                 bubbles = output[0] if output else []
                 if bubbles and bubbles[-1].get("role") == "assistant":
-                    text = bubble_text(bubbles[-1]["content"]).split("\n\n<sub>")[0]  # the answer, not its sources
+                    text = message_text(bubbles[-1]["content"]).split("\n\n<sub>")[0]  # the answer, not its sources
                     if text not in ("…", ""):
                         yield 1
             yield len(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,9 +1,11 @@
-"""Shared bits of the bench/ scripts: which machine a figure came from, and where the JSON result goes."""
+"""Shared bits of the bench/ scripts (which machine a figure came from, where the JSON result goes) and of the tests
+that drive the app over HTTP like they do (a free port, a chat message's text as gradio_client returns it)."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,17 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     print(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server about to start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def message_text(content: Any) -> str:
+    """A chat message's text as gradio_client returns it: Gradio 6 sends a list of parts ({"type": "text", ...})."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content)
+    return str(content)

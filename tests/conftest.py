@@ -3,7 +3,6 @@ and settings pointing every kind of state at a temporary folder."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from chatapp.benchutil import free_port  # noqa: E402,F401 - the tests import it from here
 from chatapp.config import REPO_ROOT, ModelSettings, Settings  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (`make test` installs it); never `playwright install`
-
-
-def free_port() -> int:
-    """A port nothing listens on now, for a server the test starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
+from chatapp.benchutil import message_text
 from chatapp.bot import Bot
 from chatapp.config import REPO_ROOT
 from chatapp.ui import build
@@ -42,11 +43,7 @@ def chat(client: Client, text: str, max_tokens: int = 24) -> tuple[list[list], l
 
 
 def texts(chatbot: list[dict]) -> list[tuple[str, str]]:
-    def text(content):
-        if isinstance(content, list):
-            return "".join(part.get("text", "") for part in content)
-        return content
-    return [(m["role"], text(m["content"])) for m in chatbot]
+    return [(m["role"], message_text(m["content"])) for m in chatbot]
 
 
 def test_answer_streams_with_status_and_sources(app_url: str):
