@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.embeddings import load_embedder
+from chatapp.model import in_passing_thread
 from chatapp.retrieval import IndexStore, Retriever, asks_for_human
 
 DSTC11 = REPO_ROOT.parent / "shared" / "data" / "dstc11_track5"
@@ -70,6 +72,34 @@ def test_embedder_contract(embedder):
     assert q[0] @ p[0] > q[1] @ p[0]
     assert len(embedder.embed_query("hi")) == embedder.dim  # langchain Embeddings interface
     assert load_embedder("minilm") is embedder  # cached per process
+
+
+def test_bulk_embedding_runs_in_a_thread_that_ends_and_a_query_on_the_callers(embedder):
+    """torch and llama.cpp share one OpenMP runtime: a long-lived thread that ran multi-threaded torch work keeps
+    OpenMP workers, and llama.cpp's decoding slowed 2.6x for the rest of the process (see in_passing_thread)."""
+    ran_on: list[threading.Thread] = []
+    real_encode = embedder.model.encode
+
+    def encode_and_note_thread(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return real_encode(*args, **kwargs)
+
+    embedder.model.encode = encode_and_note_thread
+    try:
+        passages = embedder.encode_passages([f"Returns are free within {n} days." for n in range(20)])
+        query = embedder.encode_queries(["how long do I have to return boots?"])
+    finally:
+        del embedder.model.encode
+    assert passages.shape == (20, embedder.dim) and query.shape == (1, embedder.dim)
+    bulk, single = ran_on
+    assert bulk is not threading.current_thread() and not bulk.is_alive()
+    assert single is threading.current_thread()
+
+
+def test_work_in_a_passing_thread_returns_its_result_or_raises_its_error():
+    assert in_passing_thread(lambda: threading.current_thread().name).startswith("torch-work")
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_passing_thread(lambda: int("not a number"))
 
 
 def test_ingest_is_incremental_by_content(tmp_path, embedder):
