@@ -3,6 +3,8 @@
     .venv/bin/python bench/generation.py                      # everything (~15 min on 2 busy cores)
     .venv/bin/python bench/generation.py --only speed agreement   # re-measures those, keeps the rest of the JSON
     .venv/bin/python bench/generation.py --adapter var/adapters/v3   # a real tuned adapter instead of a random one
+    .venv/bin/python bench/generation.py --only app --adapter var/adapters/v1 --sessions 1 20 \
+        --result generation-tuned   # the app with a tuned adapter's short answers, in its own JSON
 
 Sections (each runs in its own subprocess, so its peak RSS and thread settings are its own):
 - transformers: cold load (GGUF from the package -> safetensors cache) and warm load (from the cache); time to first
@@ -546,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])
     parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])
+    parser.add_argument("--result", default="generation",
+                        help="bench/results/<RESULT>.json to write (and, with --only, to keep other sections from)")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one, print JSON
     args = parser.parse_args(argv)
 
@@ -562,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_llama_cpp()
     settings = {k: v for k, v in vars(args).items() if k != "section"}
     results: dict = {"settings": settings}
-    earlier = RESULTS_DIR / "generation.json"
+    earlier = RESULTS_DIR / f"{args.result}.json"
     if set(args.only) != set(SECTIONS) and earlier.is_file():  # --only refreshes those sections and keeps the rest
         try:
             results.update({k: v for k, v in json.loads(earlier.read_text()).items() if k in SECTIONS})
@@ -582,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         results[section] = {**json.loads(line[len("RESULT "):]), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "settings": settings}
     results["targets"] = targets(results)
-    write_result("generation", results)
+    write_result(args.result, results)
     return 0
 
 

@@ -52,9 +52,10 @@ def import_llama_cpp():
     decodes 90 tokens/s, 1,000 rounds 80-88 and passive waiting (OMP_WAIT_POLICY=passive) only 23; with one other busy
     process on the cores the default drops to 25, 1,000 rounds to 31, passive to 45 (and 1 thread gives 54: set
     model.threads when the machine is shared). A short spin keeps nearly all the quiet-machine speed and yields the core
-    sooner to the chat's own streaming threads. libgomp reads the setting once, when llama_cpp loads it, so it is set
-    only around that import (torch's own libgomp copy is not affected); GOMP_SPINCOUNT or OMP_WAIT_POLICY exported by
-    the user wins.
+    sooner to the chat's own streaming threads. libgomp reads the setting once, when it is loaded, so it is set only
+    around this import; GOMP_SPINCOUNT or OMP_WAIT_POLICY exported by the user wins. A process has one libgomp (torch's
+    copy has the same name: whichever loads first serves both), so if torch was loaded first the setting is not seen; and
+    torch's OpenMP threads count against llama.cpp's (see chatapp.model.in_passing_thread).
     """
     if "llama_cpp" in sys.modules and sys.modules["llama_cpp"] is not None:
         return sys.modules["llama_cpp"]
