@@ -45,9 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import RESULTS_DIR, free_port, message_text, write_result  # noqa: E402
+from chatapp.benchutil import RESULTS_DIR, free_port, message_text, random_lora, write_result  # noqa: E402
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
-from chatapp.model import in_passing_thread  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
 LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
@@ -126,26 +125,8 @@ def prompt_of(tokenizer, question: str, tokens: int = 200, ticket: int | None = 
 
 
 def make_adapter(base_dir: Path, out: Path) -> Path:
-    """A random but realistic PEFT LoRA (the tuning issue's defaults: r=8, alpha=16, q/k/v/o), non-zero B. Built in a
-    thread that ends: torch work on this one would slow the llama.cpp engines measured after it (in_passing_thread)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    def build() -> Path:
-        torch.manual_seed(0)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
-        )
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
-        model.save_pretrained(out)
-        return out
-
-    return in_passing_thread(build)
+    """A random but realistic PEFT LoRA (the tuning issue's defaults: r=8, alpha=16, q/k/v/o), non-zero B."""
+    return random_lora(base_dir, out, seed=0, std=0.05)
 
 
 def serving_model(args, base_dir: Path, **options):

@@ -1,5 +1,6 @@
 """Shared bits of the bench/ scripts (which machine a figure came from, where the JSON result goes) and of the tests
-that drive the app over HTTP like they do (a free port, a chat message's text as gradio_client returns it)."""
+that drive the app over HTTP like they do (a free port, a chat message's text as gradio_client returns it) or need
+an adapter without training one (a random PEFT LoRA)."""
 from __future__ import annotations
 
 import json
@@ -63,3 +64,29 @@ def message_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content)
     return str(content)
+
+
+def random_lora(base_dir: Path, out: Path, *, seed: int = 0, std: float = 0.05, rank: int = 8,
+                modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), **lora_options: Any) -> Path:
+    """A real PEFT LoRA on the model in `base_dir` with random B weights (normal, `std`), so it visibly changes the
+    answers; std=0 keeps B = 0 as peft initialises it (an adapter that changes nothing). alpha = 2 x rank, the tuning
+    defaults' ratio. Built in a thread that ends, so its torch work does not slow llama.cpp afterwards."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatapp.model import in_passing_thread
+
+    def build() -> Path:
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(modules), lora_dropout=0.0, **lora_options)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), config)
+        if std:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.normal_(0, std)
+        model.save_pretrained(out)
+        return out
+
+    return in_passing_thread(build)

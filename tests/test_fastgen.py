@@ -19,6 +19,7 @@ from conftest import llama_cpp_or_skip
 llama_cpp_or_skip()  # before any other llama.cpp user in this process
 pytestmark = pytest.mark.slow  # the real default model
 
+from chatapp.benchutil import random_lora  # noqa: E402
 from chatapp.config import REPO_ROOT, GenerationSettings, Settings  # noqa: E402
 from chatapp.fastgen import (  # noqa: E402
     LlamaCppModel,
@@ -50,19 +51,7 @@ def chat(question: str) -> list[dict]:
 def make_peft_adapter(model_dir: Path, out: Path, seed: int, std: float, modules=("q_proj", "k_proj", "v_proj", "o_proj"),
                       **lora_options) -> Path:
     """A real PEFT LoRA on the real base, with random non-zero B so it visibly changes the answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(modules), lora_dropout=0.0, **lora_options)
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, std)
-    model.save_pretrained(out)
-    return out
+    return random_lora(model_dir, out, seed=seed, std=std, modules=tuple(modules), **lora_options)
 
 
 @pytest.fixture(scope="module")

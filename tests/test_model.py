@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatapp.benchutil import random_lora
 from chatapp.config import GenerationSettings, ModelSettings
 from chatapp.model import (
     ModelError,
@@ -28,18 +29,7 @@ def tiny(tiny_model_dir: Path) -> TransformersModel:
 
 def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     """A real PEFT LoRA adapter with non-zero B, so it visibly changes the model's output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora(model_dir, out, seed=seed, std=0.5, rank=4, modules=("q_proj", "v_proj"))
 
 
 def greedy_ids(model: TransformersModel) -> list[int]:

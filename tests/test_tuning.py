@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from chatapp.adapters import AdapterRegistry
+from chatapp.benchutil import random_lora
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.prompts import PromptManager
 from chatapp.seed_data import load_golden, load_seed
@@ -331,19 +332,7 @@ def sane_model_dir(tiny_model_dir, golden_file, tmp_path_factory) -> Path:
 
 def make_adapter(model_dir: Path, out: Path, broken: bool) -> Path:
     """A LoRA adapter that changes nothing (B = 0, as peft initialises it) or one with huge random B weights."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
-    if broken:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 3.0)
-    model.save_pretrained(out)
-    return out
+    return random_lora(model_dir, out, seed=1, std=3.0 if broken else 0.0, rank=4, modules=("q_proj", "v_proj", "o_proj"))
 
 
 def test_gate_rejects_a_broken_candidate_and_accepts_a_fine_one(sane_model_dir, golden_file, tsettings, tmp_path):
