@@ -18,8 +18,9 @@ Sections (each runs in its own subprocess, so its peak RSS and thread settings a
   position of the transformers path's greedy answer).
 - concurrency: one session alone (three questions in a row: the single-session figure), then 4 and 20 sessions
   straight on the backend, arriving as a burst (all press Enter at the same instant), staggered (random start in the
-  first 3 s, 0.5-2 s between a session's turns) and chatting (start in the first 20 s, 8-20 s to read an answer and
-  type the next message): p50/p95 TTFT, aggregate tokens/s, and each answer's longest pause between two pieces.
+  first 3 s, 0.5-2 s between a session's turns), chatting (start in the first 20 s, 8-20 s to read an answer and
+  type the next message) and reading (start in the first 30 s, 20-45 s between messages: a reading and typing pace):
+  p50/p95 TTFT, aggregate tokens/s, and each answer's longest pause between two pieces.
 - app: the same through the real app (`launch.py`, its Gradio queue, retrieval and prompt templates) with one
   `gradio_client.Client` per session.
 Every section uses the SmolLM2 default model; llama-cpp-python is installed into this environment if it is missing.
@@ -338,7 +339,9 @@ MODES = {  # how sessions arrive: (turns each, start spread s, pause between a s
     "alone": (3, 0.0, (1.0, 1.0)),  # one person: a question, then two follow-ups (the single-session figure)
     "burst": (1, 0.0, (0.0, 0.0)),  # everyone presses Enter at the same instant
     "staggered": (3, 3.0, (0.5, 2.0)),  # start within 3 s, next message 0.5-2 s after an answer ends
-    "chatting": (3, 20.0, (8.0, 20.0)),  # people reading the answer and typing the next message
+    "chatting": (3, 20.0, (8.0, 20.0)),  # people quickly reading the answer and typing the next message
+    # ... at a reading pace: a ~100-token answer is ~75 words (~18 s at 250 words/min), a question ~10 s to type
+    "reading": (3, 30.0, (20.0, 45.0)),
 }
 
 
