@@ -4,7 +4,7 @@
     .venv/bin/python bench/generation.py --only speed agreement   # re-measures those, keeps the rest of the JSON
     .venv/bin/python bench/generation.py --adapter var/adapters/v3   # a real tuned adapter instead of a random one
     .venv/bin/python bench/generation.py --only app --adapter var/adapters/v1 --sessions 1 20 \
-        --result generation-tuned   # the app with a tuned adapter's short answers, in its own JSON
+        --result generation-tuned   # the app serving a tuned adapter, in a JSON of its own
 
 Sections (each runs in its own subprocess, so its peak RSS and thread settings are its own):
 - transformers: cold load (GGUF from the package -> safetensors cache) and warm load (from the cache); time to first
