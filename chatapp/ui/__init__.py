@@ -15,6 +15,7 @@ TABS = [
     ("Chat", "chat"),
     ("Prompts", "prompts_tab"),
     ("Dashboard", "dashboard_tab"),
+    ("Knowledge gaps", "gaps_tab"),
     ("Adapters", "adapters_tab"),
 ]
 

@@ -1,0 +1,132 @@
+"""Knowledge files edited from the staff console: answers written for knowledge gaps (FAQ lines appended to
+`gaps-answers.jsonl`) and existing Markdown articles.
+
+Why it is built this way: the knowledge folder is what the retriever indexes, so a write must never leave a half file
+(atomic rename) or silently undo a colleague's edit (the editor sends back the sha256 it loaded); every version is
+kept with who, when and why under data_dir/knowledge_versions (like prompt versions), so any edit can be undone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from chatapp.config import Settings
+from chatapp.knowledge import DOC_SUFFIXES, Problems, parse_file
+from chatapp.prompts import atomic_write, file_lock
+
+ANSWERS_FILE = "gaps-answers.jsonl"
+MAX_QUESTION_CHARS, MAX_ANSWER_CHARS, MAX_ARTICLE_CHARS = 500, 4000, 200_000
+
+
+class KnowledgeEditError(ValueError):
+    """An edit that cannot be saved as asked; the message says why. Nothing was written."""
+
+
+class KnowledgeEditor:
+    """Edits to knowledge files: validated, atomic, every version kept (who, when, why) under data_dir."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = Path(settings.retrieval.knowledge_dir)
+        self.versions_dir = settings.data_dir / "knowledge_versions"
+        self._lock = threading.Lock()
+
+    def path(self, rel: str) -> Path:
+        """The file ``rel`` names inside the knowledge folder; anything outside it (or not editable) is refused."""
+        rel = (rel or "").strip()
+        path = (self.root / rel).resolve()
+        if not rel or not path.is_relative_to(self.root.resolve()) or path.suffix.lower() not in (
+                DOC_SUFFIXES | {".jsonl"}):
+            raise KnowledgeEditError(f"{rel!r} is not an article or FAQ file inside the knowledge folder")
+        return path
+
+    def articles(self) -> list[str]:
+        root = self.root.resolve()
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                      and p.suffix.lower() in {".md", ".markdown"}) if root.is_dir() else []
+
+    def read(self, rel: str) -> tuple[str, str]:
+        """The file's text and its sha256 (the editor sends it back so a concurrent edit is not overwritten)."""
+        path = self.path(rel)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KnowledgeEditError(f"cannot read {rel}: {exc}") from exc
+        return text, hashlib.sha256(text.encode()).hexdigest()
+
+    def validate(self, rel: str, text: str) -> list[str]:
+        """What is wrong with ``text`` as the content of ``rel`` (empty list: nothing)."""
+        if not text.strip():
+            return ["the text is empty"]
+        if len(text) > MAX_ARTICLE_CHARS:
+            return [f"the text is {len(text):,} characters; at most {MAX_ARTICLE_CHARS:,}"]
+        problems = Problems()
+        chunks = parse_file(rel, text, self.settings.retrieval.chunk_chars, problems)
+        return problems.messages + ([] if chunks else ["nothing in it would be indexed"])
+
+    def save(self, rel: str, text: str, who: str | None = None, message: str = "",
+             base_sha: str | None = None) -> int:
+        """Validate, version and write ``rel``; returns the version number. Raises KnowledgeEditError, writing nothing."""
+        path = self.path(rel)
+        if problems := self.validate(rel, text):
+            raise KnowledgeEditError("Not saved: " + "; ".join(problems))
+        with self._lock, file_lock(self.versions_dir / ".lock"):
+            current, sha = self.read(rel)
+            if base_sha is not None and base_sha != sha:
+                raise KnowledgeEditError(f"{rel} changed since you opened it; your text was not saved: reload and edit again")
+            return self._write(rel, path, current, text, who, message)
+
+    def add_faq(self, question: str, answer: str, category: str | None = None, who: str | None = None,
+                message: str = "") -> str:
+        """Append one FAQ entry to gaps-answers.jsonl; returns its chunk id."""
+        question, answer, category = (question or "").strip(), (answer or "").strip(), (category or "").strip()
+        if not question or not answer:
+            raise KnowledgeEditError("Not saved: the question and the answer must both be filled in")
+        if len(question) > MAX_QUESTION_CHARS or len(answer) > MAX_ANSWER_CHARS:
+            raise KnowledgeEditError(f"Not saved: at most {MAX_QUESTION_CHARS} characters for the question and "
+                           f"{MAX_ANSWER_CHARS:,} for the answer (got {len(question):,} and {len(answer):,})")
+        entry = {"id": f"gap-{uuid.uuid4().hex[:10]}", "question": question, "answer": answer,
+                 **({"category": category} if category else {}), "author": who,
+                 "created": datetime.now().astimezone().isoformat(timespec="seconds")}
+        path = self.path(ANSWERS_FILE)
+        with self._lock, file_lock(self.versions_dir / ".lock"):
+            current, _ = self.read(ANSWERS_FILE)
+            text = current + ("" if not current or current.endswith("\n") else "\n") + json.dumps(entry) + "\n"
+            self._write(ANSWERS_FILE, path, current, text, who, message or "new answer")
+        return f"{ANSWERS_FILE}#{entry['id']}"
+
+    def _folder(self, rel: str) -> Path:
+        return self.versions_dir / rel.replace("/", "__")
+
+    def history(self, rel: str) -> list[dict]:
+        self.path(rel)
+        folder = self._folder(rel)
+        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("v*.json"))] \
+            if folder.is_dir() else []
+
+    def _write(self, rel: str, path: Path, current: str, text: str, who: str | None, message: str) -> int:
+        folder = self._folder(rel)
+        versions = sorted(folder.glob("v*.json")) if folder.is_dir() else []
+        if not versions and current:  # keep what was there before the first edit from here
+            self._version(folder, 1, current, None, "before the first edit in the console")
+            versions = [None]
+        number = len(versions) + 1
+        self._version(folder, number, text, who, message)
+        try:
+            atomic_write(path, text)
+        except OSError as exc:
+            raise KnowledgeEditError(f"cannot write {path}: {exc.strerror or exc} (the knowledge folder must be writable)")
+        return number
+
+    @staticmethod
+    def _version(folder: Path, number: int, text: str, who: str | None, message: str) -> None:
+        atomic_write(folder / f"v{number:04d}.txt", text)
+        atomic_write(folder / f"v{number:04d}.json", json.dumps({
+            "version": number, "time": datetime.now().astimezone().isoformat(timespec="seconds"), "who": who,
+            "message": str(message or "")[:500], "sha256": hashlib.sha256(text.encode()).hexdigest()}, indent=1))
