@@ -37,6 +37,7 @@ REGISTRY_FILE = "registry.json"
 LOCK_FILE = ".registry.lock"
 VERSION_RE = re.compile(r"v\d{4,}")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped_adapter"  # built by `python -m chatapp.tuning.shipped`
 
 
 class AdapterError(ValueError):
@@ -268,6 +269,24 @@ class AdapterRegistry:
             os.rename(staging, self.root / version)
             _fsync_dir(self.root)
         return self.get(version)
+
+    def install_shipped(self, base_hash: str | None, source: Path = SHIPPED_DIR) -> AdapterInfo | None:
+        """On a registry that has never held a version, register the adapter shipped in the package and make it
+        active, so a fresh install answers with the fine-tuned model. Never again once anything was registered (a
+        rollback to the base model stays a rollback), and never for other base weights than it was trained on."""
+        if not (source / "adapter_config.json").is_file():
+            return None
+        metadata = json.loads((source / "metadata.json").read_text(encoding="utf-8"))
+        trained_on = (metadata.get("base_model") or {}).get("sha256")
+        if base_hash is None or trained_on != base_hash:
+            return None
+        with self._locked():
+            state = self._fresh_state()
+            if state.get("events") or any(self.root.glob("v*")):
+                return None
+        info = self.add(source, {**metadata, "created": metadata.get("created")})
+        self.promote(info.version, reason="shipped with the package")
+        return info
 
     def cleanup_staging(self) -> int:
         """Remove folders left by writers that were killed mid-copy (their pid is gone)."""

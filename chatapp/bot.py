@@ -1,4 +1,4 @@
-"""The pipeline of one question: retrieve -> choose examples -> render template -> generate -> log.
+"""The pipeline of one question: retrieve -> evidence -> choose examples -> render template -> generate -> guard -> log.
 
 `Bot` owns the parts (model, retriever, prompts, feedback log, adapter registry) and is the only thing the UI and the
 CLI talk to. It keeps no per-user state: each browser session carries its own `Session`, so two users never see each
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from chatapp.config import Settings
+from chatapp.guard import StreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,12 @@ HANDOFF_REPLY = (
 ASKED_FOR_HUMAN_REPLY = (
     "Of course. I'm handing this conversation to our support team; a person will reply here as soon as possible."
 )
+NO_CHINESE_REPLY = (
+    "抱歉，目前回答您的模型只能用英文作答，我没法用中文准确回答这个问题。我可以帮您解答订单、配送、退货退款、付款、"
+    "会员和账户方面的问题：请用英文提问，或点击 **Talk to a person** 转接人工客服。"
+)
+HANDOFF_REPLY_ZH = "这个问题我不想乱猜。需要为您转接我们的客服人员吗？请点击 **Talk to a person**，会有同事接手这段对话。"
+_CJK = re.compile(r"[\u3400-\u9fff]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -55,6 +62,9 @@ class Reply:
     notice: str | None = None  # shown to the user: truncation, a failed part, an error
     template: str = ""
     mode: str = ""
+    evidence: list[Any] = field(default_factory=list)  # evidence.Evidence: what the prompt quoted
+    guard: dict = field(default_factory=dict)  # guard.Verdict.to_dict() once the answer is final
+    replaced: bool = False  # the model's answer was replaced by the guard (a quote of the evidence or a handoff offer)
 
 
 def clean_message(text: str, limit: int) -> tuple[str, str | None]:
@@ -75,6 +85,10 @@ class Bot:
         self.prompts = prompts
         self.feedback = feedback
         self.adapters = adapters
+        from chatapp.evidence import EvidenceSelector
+
+        self.evidence = EvidenceSelector(getattr(retriever, "embedder", None), k=settings.answer.evidence_units,
+                                         per_chunk=settings.answer.evidence_per_chunk)
         self.problems: dict[str, str] = {}  # part -> what is wrong with it, shown in the UI
         self._swap_lock = threading.Lock()
         self._knowledge_checked = 0.0
@@ -110,6 +124,12 @@ class Bot:
             problems["prompts"] = f"prompt templates unavailable: {exc}"
         bot = cls(settings, model, **parts)
         bot.problems.update(problems)
+        if bot.adapters is not None and settings.model.adapter is None:
+            try:
+                bot.adapters.install_shipped(bot.base_hash)  # a fresh install answers with the shipped adapter
+            except Exception as exc:
+                log.exception("shipped adapter not installed")
+                bot.problems["adapters"] = f"the shipped adapter could not be registered: {exc}"
         bot.sync_adapter()
         return bot
 
@@ -225,6 +245,11 @@ class Bot:
             reply = Reply(ASKED_FOR_HUMAN_REPLY, handoff="asked_for_human")
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
+        language = "zh" if _CJK.search(question) else "en"
+        if language not in self.languages:
+            reply = Reply(NO_CHINESE_REPLY)  # say plainly what the bot can do, in the customer's language
+            yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
+            return
         if search is not None and search.handoff == "low_confidence":
             reply = Reply(HANDOFF_REPLY, handoff="low_confidence")
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
@@ -235,30 +260,79 @@ class Bot:
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
 
-        rendered = self._render(question, history, hits, session.mode, gen)
+        evidence = self.evidence.select(question, history, hits) if hits else []
+        template = self.settings.prompts.template_zh if language == "zh" else None
+        rendered = self._render(question, history, evidence or hits, session.mode, gen, template)
         known = {f.name for f in fields(gen)}
         template_gen = {k: v for k, v in rendered.generation.items() if k in known and generation.get(k) is None}
         gen = replace(gen, **template_gen)
-        text, first_token = "", None
-        meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id)
+        text, shown, first_token = "", "", None
+        guard = StreamGuard(self._references(evidence, hits, history, question)) if self.settings.answer.guard \
+            else None
+        meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id,
+                    evidence=evidence)
+        pieces = self.model.stream(rendered.messages, gen, session.stop)
         try:
-            for piece in self.model.stream(rendered.messages, gen, session.stop):
+            for piece in pieces:
                 if first_token is None:
                     first_token = time.perf_counter()
                 text += piece
-                yield Reply(text, notice=notice, **meta)
+                visible = guard.feed(text) if guard is not None else text
+                if guard is not None and guard.failed:
+                    break  # an unsupported claim: stop generating, it is replaced below
+                if visible != shown:
+                    shown = visible
+                    yield Reply(shown, notice=notice, **meta)
         except Exception as exc:
             log.exception("generation failed")
             notice = _join(notice, f"The model failed while answering: {exc}")
+        finally:
+            getattr(pieces, "close", lambda: None)()
         if session.stop.is_set():
             notice = _join(notice, "Stopped.")
         reply = Reply(text.strip(), **meta)
+        if guard is not None:
+            verdict = guard.finish(reply.text)
+            if not verdict.supported:
+                reply.text, verdict.action = self.replacement(evidence, question)
+                reply.replaced = True
+                log.info("guard replaced answer %s: unsupported %s", message_id, verdict.unsupported)
+            reply.guard = verdict.to_dict()
         yield from self._finish(
             reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
             first_token=first_token,
         )
 
-    def _render(self, question: str, history: list[dict], hits: list, mode: str, gen):
+    @staticmethod
+    def _references(evidence: list, hits: list, history: list[dict], question: str) -> list[str]:
+        """What an answer's claims may rest on: the quoted evidence, the cited passages and the conversation."""
+        texts = [f"{e.title} {e.text}" for e in evidence]
+        texts += [f"{h.title} {h.text} {h.answer or ''}" for h in hits]
+        texts += [str(m.get("content") or "") for m in history if isinstance(m, dict)]
+        return texts + [question]
+
+    def replacement(self, evidence: list, question: str) -> tuple[str, str]:
+        """The answer shown instead of an unsupported one: the evidence quoted with its citation, else a handoff."""
+        from chatapp.evidence import extractive_answer
+
+        language = "zh" if _CJK.search(question) else "en"
+        quote = extractive_answer(evidence, n=self.settings.answer.fallback_units, language=language)
+        if quote:
+            return quote, "replaced_extractive"
+        return (HANDOFF_REPLY_ZH if language == "zh" else HANDOFF_REPLY), "replaced_handoff"
+
+    @functools.cached_property
+    def languages(self) -> set[str]:
+        """What the answering model writes: a remote server is trusted to follow the customer's language."""
+        from chatapp.model import PROFILES
+
+        configured = self.settings.model.languages or (
+            PROFILES[self.settings.model.name].languages if self.settings.model.name in PROFILES else "en")
+        if self.settings.model.backend == "openai" and not self.settings.model.languages:
+            configured = "en,zh"
+        return {part.strip() for part in configured.split(",") if part.strip()}
+
+    def _render(self, question: str, history: list[dict], hits: list, mode: str, gen, template: str | None = None):
         """Prompt messages that fit the model's context: older turns are dropped first, then context is cut."""
         from chatapp.prompts import Rendered
 
@@ -267,7 +341,8 @@ class Bot:
             return Rendered(messages=messages, template="(none)", version=0, mode="zero_shot", examples=[], generation={})
         budget = self.model.context_tokens - gen.max_new_tokens
         while True:
-            rendered = self.prompts.render(None, question=question, history=history, hits=hits, mode=mode)
+            name = template if template and template in self.prompts.names() else None
+            rendered = self.prompts.render(name, question=question, history=history, hits=hits, mode=mode)
             if not history and len(hits) <= 1 or self.model.count_tokens(rendered.messages) <= budget:
                 return rendered
             if history:
@@ -296,6 +371,7 @@ class Bot:
                 adapter=self.model.adapter_version,
                 first_token_ms=(first_token - started) * 1000 if first_token else None, total_ms=total_ms,
                 handoff=reply.handoff, curated=reply.curated, user=user,
+                evidence=[e.to_dict() for e in reply.evidence], guard=reply.guard, guard_replaced=reply.replaced,
             )
             try:
                 self.feedback.log_turn(record)

@@ -20,7 +20,7 @@ log = logging.getLogger("chatapp")
 
 # Modules that contribute subcommands; one that fails to import costs only its own commands.
 COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback", "chatapp.tuning.cli", "chatapp.adapters",
-                   "chatapp.gaps"]
+                   "chatapp.answer_eval", "chatapp.gaps"]
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ class ModelSettings:
     adapter: str | None = None  # a PEFT adapter directory; None = the registry's active adapter, "none" = base only
     backend: Literal["transformers", "llamacpp", "openai", "auto"] = "auto"
     threads: int = 0  # 0 = all cores
+    languages: str = ""  # what the model answers in, "en,zh"; "" = its profile's (other models: English)
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
     fast_sessions: int = 20  # llama.cpp backend: chats decoded together (more wait for a free slot)
     fast_context: int = 4096  # llama.cpp backend: tokens of context per chat (KV cache = sessions x context)
@@ -55,8 +56,9 @@ class RetrievalSettings:
     handoff_below: float | None = None
     handoff_below_doc: float | None = None
     curated_above: float = 1.0  # FAQ question cosine above which its curated answer is returned as-is (1.0 = never)
-    bm25_weight: float = 0.25  # BM25's weight against dense (1.0) in reciprocal rank fusion
-    rrf_k: int = 10  # RRF constant: score = weight / (rrf_k + rank)
+    # Fused score = dense cosine + bm25_weight x BM25 coverage of the query (0..1): BM25 only reorders candidates
+    # whose cosines are within bm25_weight of each other (0 = dense alone). See chatapp/retrieval.py.
+    bm25_weight: float = 0.03
     candidates: int = 100  # dense / BM25 top-N gathered before fusion when no entity narrows the search
     max_file_mb: float = 20.0  # larger knowledge files are skipped with a warning
     embed_threads: int = 0  # embedder CPU threads (0 = library default)
@@ -68,6 +70,7 @@ class PromptSettings:
     template: str = "support"  # active template name
     mode: Literal["zero_shot", "few_shot", "auto"] = "auto"  # auto = the template decides (its own `mode`)
     corrections_bank: str = "support"  # example bank for corrections when the template has no few-shot bank
+    template_zh: str = "support_zh"  # used for a Chinese question when the model speaks Chinese ("" = never)
 
 
 @dataclass
@@ -85,8 +88,9 @@ class TuningSettings:
     replay_ratio: float = 0.5  # share of a re-tune's examples drawn from earlier training data
     seed_examples: int = 400
     faq_share: float = 0.4  # at most this share of seed examples are single-turn FAQ answers (they are terse)
+    grounded: bool = True  # seed also includes chatapp/seed_data/grounded.jsonl (answers quoting their evidence)
     gate_margin: float = 0.02
-    # --- added by the tuning module (chatapp/tuning.py documents each)
+    # --- added by the tuning package (chatapp/tuning/ documents each)
     lora_layers: int = 0  # LoRA only on the last N decoder layers (0 = all): backward stops below them, faster
     max_examples: int = 500  # cap on one run's training set (500 fits the 10-minute budget on 2 cores)
     warmup_steps: int = 5
@@ -101,12 +105,25 @@ class TuningSettings:
     seed: int = 0
     golden_file: Path | None = None  # None = chatapp/seed_data/golden.jsonl (held-out DSTC11 dev turns)
     golden_size: int = 16
+    gate_questions: Path | None = None  # shop questions with key facts (shop_qa format); None = ../shared/data/shop_qa
+    gate_question_tokens: int = 100  # answer length when the gate scores them
     replay_gate_size: int = 16
     gate_max_new_tokens: int = 60
     gate_batch_size: int = 8
     gate_behaviour_margin: float = 0.1  # allowed drop in stop rate / rise in degenerate answers
     max_new_refusals: float = 0.1  # share of golden items the reference answered and the candidate may refuse
     keep_runs: int = 3  # finished run folders kept under data_dir/tuning/runs
+
+
+@dataclass
+class AnswerSettings:
+    """How an answer is grounded (chatapp/evidence.py) and checked (chatapp/guard.py)."""
+
+    evidence_units: int = 3  # sentences/bullets quoted to the model, best first
+    evidence_per_chunk: int = 2  # at most this many from one retrieved chunk
+    guard: bool = True  # replace answers whose amounts, durations, levels or offers the evidence does not support
+    fallback_units: int = 2  # evidence units quoted when the guard replaces an answer (the top two hold the answer
+    # to 95% of the English shop questions, the top one to 78%: bench/answers.py, extractive rows)
 
 
 @dataclass
@@ -143,6 +160,7 @@ class Settings:
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     prompts: PromptSettings = field(default_factory=PromptSettings)
     tuning: TuningSettings = field(default_factory=TuningSettings)
+    answer: AnswerSettings = field(default_factory=AnswerSettings)
     ui: UISettings = field(default_factory=UISettings)
     feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
 

@@ -81,13 +81,20 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX handoffs_created_at ON handoffs(created_at)",
     ],
+    # The faithfulness guard's verdict per answer (chatapp/guard.py): what it checked and whether it replaced it.
+    [
+        "ALTER TABLE turns ADD COLUMN evidence TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE turns ADD COLUMN guard TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE turns ADD COLUMN guard_replaced INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _TURN_COLUMNS = (
     "message_id session_id created_at user_message answer history prompt_messages retrieved template "
-    "template_version mode model adapter first_token_ms total_ms handoff curated user"
+    "template_version mode model adapter first_token_ms total_ms handoff curated user evidence guard guard_replaced"
 ).split()
-_JSON_COLUMNS = ("history", "prompt_messages", "retrieved")
+_JSON_COLUMNS = ("history", "prompt_messages", "retrieved", "evidence")
+_TURN_DEFAULTS = {"evidence": "[]", "guard": "{}", "guard_replaced": 0}
 
 
 class FeedbackError(RuntimeError):
@@ -124,6 +131,9 @@ class TurnRecord:
     curated: bool = False  # answer returned from a curated FAQ/correction
     user: str | None = None
     created_at: float = field(default_factory=time.time)
+    evidence: list[dict] = field(default_factory=list)  # [{"text","title","source","chunk_id"}] the prompt quoted
+    guard: dict = field(default_factory=dict)  # the guard's verdict: claims checked, unsupported ones, action
+    guard_replaced: bool = False  # the model's answer was replaced (extractive quote or handoff offer)
 
 
 def new_message_id() -> str:
@@ -293,9 +303,9 @@ class FeedbackStore:
         """Figures for the dashboard, over turns created at or after ``since`` (epoch seconds; None = all)."""
         since = since or 0.0
         with self._read() as conn:
-            turns, sessions, curated, offered = conn.execute(
-                "SELECT count(*), count(DISTINCT session_id), coalesce(sum(curated), 0), count(handoff) "
-                "FROM turns WHERE created_at >= ?",
+            turns, sessions, curated, offered, replaced = conn.execute(
+                "SELECT count(*), count(DISTINCT session_id), coalesce(sum(curated), 0), count(handoff), "
+                "coalesce(sum(guard_replaced), 0) FROM turns WHERE created_at >= ?",
                 (since,),
             ).fetchone()
             up, down, corrections = conn.execute(
@@ -342,6 +352,7 @@ class FeedbackStore:
             "turns": turns,
             "sessions": sessions,
             "curated": curated,
+            "guard_replaced": replaced,  # answers the faithfulness guard replaced (an unsupported claim)
             "rated": up + down,
             "up": up,
             "down": down,
@@ -514,7 +525,7 @@ class FeedbackStore:
             updates = ", ".join(f"{c} = excluded.{c}" for c in _TURN_COLUMNS[1:])
             conn.execute(
                 f"INSERT INTO turns ({cols}) VALUES ({marks}) ON CONFLICT(message_id) DO UPDATE SET {updates}",
-                [data[c] for c in _TURN_COLUMNS],
+                [data.get(c, _TURN_DEFAULTS.get(c)) for c in _TURN_COLUMNS],  # spilled before a migration: defaults
             )
         elif kind == "rate":
             known = conn.execute("SELECT 1 FROM turns WHERE message_id = ?", (data["message_id"],)).fetchone()
@@ -691,6 +702,8 @@ def _turn_row(record: TurnRecord) -> dict[str, Any]:
     for name in ("first_token_ms", "total_ms"):
         row[name] = None if row[name] is None else float(row[name])
     row["curated"] = int(bool(row["curated"]))
+    row["guard"] = json.dumps(row["guard"] or {}, default=str)
+    row["guard_replaced"] = int(bool(row["guard_replaced"]))
     row["template_version"] = int(row["template_version"] or 0)
     row["created_at"] = float(row["created_at"] or time.time())
     if not row["message_id"]:
@@ -705,6 +718,9 @@ def _decode_turn(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(row.get(name), str):
             row[name] = json.loads(row[name])
     row["curated"] = bool(row.get("curated"))
+    if isinstance(row.get("guard"), str):
+        row["guard"] = json.loads(row["guard"] or "{}")
+    row["guard_replaced"] = bool(row.get("guard_replaced"))
     return row
 
 

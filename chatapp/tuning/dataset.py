@@ -168,13 +168,16 @@ def render_record(prompts, tokenizer, record: dict, hits: list[Hit], max_len: in
 
 
 def build_dataset(records: list[dict], prompts, tokenizer, tuning: TuningSettings, *, retriever=None,
-                  top_k: int = 4, template: str | None = None, progress: bool = False) -> Dataset:
-    """Render, tokenize, split by conversation. Records must already be deduplicated and composed."""
+                  top_k: int = 4, template: str | None = None, progress: bool = False, evidence=None) -> Dataset:
+    """Render, tokenize, split by conversation. Records must already be deduplicated and composed. With `evidence`
+    (an `evidence.EvidenceSelector`) the prompt quotes the selected sentences of the hits, as `Bot.answer` does."""
     from tqdm.auto import tqdm
 
     train, val, kept, too_long = [], [], [], 0
     for record in tqdm(records, desc="rendering examples", disable=not progress, leave=False):
         hits = merge_hits(record.get("hits") or [], _retrieved(retriever, record["question"], record.get("history") or []), top_k)
+        if evidence is not None:
+            hits = evidence.select(record["question"], record.get("history") or [], hits) or hits
         rendered = render_record(prompts, tokenizer, record, hits, tuning.max_seq_len, template)
         if rendered is None:
             too_long += 1

@@ -20,9 +20,11 @@ from chatapp.tuning.dataset import Example, Hit, _chat_ids
 from chatapp.tuning.train import evaluate_loss
 
 # Why it is built this way:
-# - The gate compares the candidate against the active adapter and the base model on held-out DSTC11 turns (ROUGE-L,
-#   MiniLM cosine), a replay set (teacher-forced answer-token accuracy on earlier data) and behaviour checks; results
-#   for base/active are cached by model identity, so a re-tune only generates with the candidate.
+# - The gate decides on correctness: answer accuracy and unsupported-claim rate on shop questions with key facts
+#   (chatapp/tuning/correctness.py), a replay set (teacher-forced answer-token accuracy on earlier data) and behaviour
+#   checks. ROUGE-L and MiniLM cosine on held-out DSTC11 turns are still reported, as figures, not as the decision
+#   (they once rose while correctness fell). Results for base/active are cached by model identity, so a re-tune only
+#   generates with the candidate.
 
 
 REFUSAL_RE = re.compile(
@@ -171,7 +173,7 @@ class Evaluator:
     """Scores models (base, base + adapter) on the golden and replay sets; one base model, adapters swapped in."""
 
     def __init__(self, settings: Settings, model_dir: Path, base_hash: str, prompts, golden: list[dict],
-                 replay: list[Example], cache_dir: Path | None = None):
+                 replay: list[Example], cache_dir: Path | None = None, questions: list[dict] | None = None):
         from chatapp.model import load_transformers
 
         self.settings = settings
@@ -183,12 +185,14 @@ class Evaluator:
         self.conversations = [prompts.render(None, question=g["question"], history=g.get("history") or [],
                                              hits=[Hit.of(h) for h in g.get("hits") or []], mode="zero_shot").messages
                               for g in golden]
+        self.questions = questions or []  # correctness.prepare(): shop questions with their prompts and facts
         self.cache_dir = cache_dir
         self._embedder = None
         self._loaded: dict[str, str] = {}  # identity -> peft adapter name
         settings_key = {"gen": [self.tuning.gate_max_new_tokens, settings.generation.repetition_penalty],
                         "golden": self.conversations, "refs": [g["answer"] for g in golden],
-                        "replay": [[e.input_ids, e.label_start, e.label_end] for e in replay], "base": base_hash}
+                        "replay": [[e.input_ids, e.label_start, e.label_end] for e in replay], "base": base_hash,
+                        "questions": [[q["messages"], q["facts"]] for q in self.questions]}
         self.key = _hash(settings_key)
 
     @property
@@ -237,6 +241,12 @@ class Evaluator:
                                        batch_size=self.tuning.gate_batch_size)
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
             replay = evaluate_loss(model, self.replay, pad_id)
+            shop = generate_batch(model, self.tokenizer, [q["messages"] for q in self.questions],
+                                  max_new_tokens=self.settings.tuning.gate_question_tokens,
+                                  repetition_penalty=self.settings.generation.repetition_penalty,
+                                  batch_size=self.tuning.gate_batch_size) if self.questions else []
+        from chatapp.tuning.correctness import score as correctness
+
         answers = [g["answer"] for g in generated]
         references = [g["answer"] for g in self.golden]
         rouge = [rouge_l(a, r) for a, r in zip(answers, references)]
@@ -250,6 +260,7 @@ class Evaluator:
             "refusal_rate": statistics.mean(is_refusal(a) for a in answers) if answers else None,
             "replay_accuracy": replay["accuracy"], "replay_loss": replay["loss"],
             "answer_tokens_mean": statistics.mean(g["tokens"] for g in generated) if generated else None,
+            **(correctness(self.questions, [g["answer"] for g in shop]) if self.questions else {}),
             "items": [{"answer": a, "stopped": g["stopped"], "refused": is_refusal(a), "degenerate": is_degenerate(a),
                        "rouge_l": round(r, 4), "cosine": round(c, 4)}
                       for a, g, r, c in zip(answers, generated, rouge, cosine)],
@@ -272,11 +283,17 @@ def gate_decision(scores: dict[str, dict], tuning: TuningSettings) -> tuple[bool
                        "reference": ref, "rule": rule})
 
     margin, behaviour = tuning.gate_margin, tuning.gate_behaviour_margin
+    figures = []  # reported beside the checks, not deciding
     for against, ref in references.items():
+        if candidate.get("answer_accuracy") is not None and ref.get("answer_accuracy") is not None:
+            check("shop answer accuracy", against, candidate["answer_accuracy"] >= ref["answer_accuracy"],
+                  candidate["answer_accuracy"], ref["answer_accuracy"], ">= reference")
+            check("unsupported-claim rate", against, candidate["unsupported_rate"] <= ref["unsupported_rate"],
+                  candidate["unsupported_rate"], ref["unsupported_rate"], "<= reference")
         for metric, title in (("rouge_l", "golden ROUGE-L"), ("cosine", "golden embedding cosine")):
             if candidate.get(metric) is not None and ref.get(metric) is not None:
-                check(title, against, candidate[metric] >= ref[metric] - margin, candidate[metric], ref[metric],
-                      f">= reference - {margin}")
+                figures.append({"check": title, "against": against, "passed": True, "candidate": candidate[metric],
+                                "reference": ref[metric], "rule": "figure only (does not decide)"})
         if candidate.get("replay_accuracy") is not None and ref.get("replay_accuracy") is not None:
             check("replay answer-token accuracy", against, candidate["replay_accuracy"] >= ref["replay_accuracy"] - margin,
                   candidate["replay_accuracy"], ref["replay_accuracy"], f">= reference - {margin}")
@@ -291,22 +308,28 @@ def gate_decision(scores: dict[str, dict], tuning: TuningSettings) -> tuple[bool
         check("does not refuse what it used to answer", against, newly <= allowed, newly,
               sum(r["refused"] for _, r in items),
               f"refusals the reference did not make <= {allowed} ({tuning.max_new_refusals:.0%} of {len(items)})")
-    return all(c["passed"] for c in checks), checks
+    return all(c["passed"] for c in checks), checks + figures
 
 
 def run_gate(settings: Settings, model_dir: Path, base_hash: str, prompts, candidate: Path,
-             active: AdapterInfo | None, replay: list[Example], progress: bool = True, embedder=None) -> dict:
+             active: AdapterInfo | None, replay: list[Example], progress: bool = True, embedder=None,
+             retriever=None) -> dict:
     """Score candidate, active and base; decide; return the report saved beside the adapter."""
+    from chatapp.tuning.correctness import gate_questions, prepare
+
     started = time.perf_counter()
     golden = golden_items(settings)
+    items = gate_questions(settings) if retriever is not None else []
+    questions = prepare(settings, prompts, retriever, items) if items else []
     evaluator = Evaluator(settings, model_dir, base_hash, prompts, golden, replay,
-                          cache_dir=settings.data_dir / "tuning" / "eval_cache")
+                          cache_dir=settings.data_dir / "tuning" / "eval_cache", questions=questions)
     evaluator._embedder = embedder
     scores: dict[str, dict | None] = {}
     plan = [("base", None)] + ([("active", active.path)] if active else []) + [("candidate", candidate)]
     for name, path in plan:
         if progress:
-            print(f"gate: scoring {name} on {len(golden)} golden items and {len(replay)} replay examples...",
+            print(f"gate: scoring {name} on {len(questions)} shop questions, {len(golden)} golden items and "
+                  f"{len(replay)} replay examples...",
                   file=sys.stderr, flush=True)
         scores[name] = evaluator.score(path, label=name if name != "active" else f"active {active.version}")
     passed, checks = gate_decision(scores, settings.tuning)
@@ -317,6 +340,7 @@ def run_gate(settings: Settings, model_dir: Path, base_hash: str, prompts, candi
     summary = {name: {k: v for k, v in s.items() if k != "items"} for name, s in scores.items() if s}
     return {"passed": passed, "checks": checks, "scores": summary, "samples": samples,
             "golden_size": len(golden), "replay_size": len(replay), "margin": settings.tuning.gate_margin,
+            "questions_size": len(questions),
             "active_version": active.version if active else None, "seconds": round(time.perf_counter() - started, 1),
             "items": {name: s["items"] for name, s in scores.items() if s},
             "questions": [g["question"] for g in golden], "references": [g["answer"] for g in golden]}
@@ -329,11 +353,12 @@ def format_gate_report(report: dict) -> str:
     lines = [f"**Gate {'PASSED' if report.get('passed') else 'FAILED'}** — {report.get('golden_size')} golden items, "
              f"{report.get('replay_size')} replay examples, margin {report.get('margin')}, "
              f"{report.get('seconds')} s", "",
-             "| model | ROUGE-L | cosine | replay acc. | stops | degenerate | refusals |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | shop accuracy | unsupported | ROUGE-L | cosine | replay acc. | stops | degenerate | refusals |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for name, s in (report.get("scores") or {}).items():
-        lines.append(f"| {s.get('model', name)} | {fmt(s.get('rouge_l'))} | {fmt(s.get('cosine'))} | "
+        lines.append(f"| {s.get('model', name)} | {fmt(s.get('answer_accuracy'))} | {fmt(s.get('unsupported_rate'))} | "
+                     f"{fmt(s.get('rouge_l'))} | {fmt(s.get('cosine'))} | "
                      f"{fmt(s.get('replay_accuracy'))} | {fmt(s.get('stop_rate'))} | {fmt(s.get('degenerate_rate'))} | "
                      f"{fmt(s.get('refusal_rate'))} |")
     lines += ["", "| check | vs | candidate | reference | rule | result |", "|---|---|---|---|---|---|"]

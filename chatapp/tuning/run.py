@@ -187,7 +187,8 @@ def _open_retriever(settings: Settings):
 
 
 def tune(settings: Settings, *, max_steps: int | None = None, examples: int | None = None, promote: bool = True,
-         progress: bool = True, force: bool = False, stop: threading.Event | None = None) -> TuneReport:
+         progress: bool = True, force: bool = False, stop: threading.Event | None = None,
+         install_shipped: bool = True) -> TuneReport:
     """Build data, train a candidate, gate it against the active adapter and the base model, register it, and
     promote it only if the gate passes. Interrupted runs resume on the next call; the active adapter is only ever
     changed by the final, atomic promotion."""
@@ -207,12 +208,14 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
         prompts = PromptManager(settings)
         template_name = prompts.active_name
         template = prompts.load(template_name)
+        if install_shipped:
+            registry.install_shipped(base_hash)  # a first tune starts from the shipped adapter and replays its data
         active = registry.active()
         warm = tuning.warm_start and adapter_compatible(active, tuning, base_hash)
         config = _run_config(settings, base_hash, (template_name, template.version), max_steps, limit)
         config["init_adapter"] = active.version if warm and active else None
         run_dir = _resumable_run(settings, config)
-        embedder = None
+        embedder = retriever = None
         if run_dir is not None:
             dataset = Dataset.load(run_dir / "dataset.json")
             data_info = dataset.info
@@ -229,8 +232,13 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             retriever = _open_retriever(settings)
             embedder = getattr(retriever, "embedder", None)
+            from chatapp.evidence import EvidenceSelector
+
+            selector = EvidenceSelector(embedder, k=settings.answer.evidence_units,
+                                        per_chunk=settings.answer.evidence_per_chunk)
             dataset = build_dataset(records, prompts, tokenizer, tuning, retriever=retriever,
-                                    top_k=settings.retrieval.top_k, template=template_name, progress=progress)
+                                    top_k=settings.retrieval.top_k, template=template_name, progress=progress,
+                                    evidence=selector)
             dataset.info.update(collected)
             data_info = dataset.info
             run_dir = tuning_dir(settings) / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -268,8 +276,12 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
 
         write_status(settings, phase="gate", run=run_dir.name)
         replay = [e for e in dataset.val if e.origin == "replay" or e.source not in ("feedback-answer", "feedback-correction")]
+        if retriever is None:
+            retriever = _open_retriever(settings)  # a resumed run: the gate's shop questions are retrieved
+            embedder = embedder or getattr(retriever, "embedder", None)
         gate = run_gate(settings, model_dir, base_hash, prompts, result.best_dir, active,
-                        replay[:tuning.replay_gate_size], progress=progress, embedder=embedder)
+                        replay[:tuning.replay_gate_size], progress=progress, embedder=embedder,
+                        retriever=retriever)
         metrics["gate_seconds"] = gate["seconds"]
         for name in ("train_log.json", "loss_curve.png"):
             if (run_dir / name).is_file():

@@ -89,11 +89,11 @@ def build(bot) -> None:
                     "", [], [], raw_box)
         rate = "–" if figures["up_rate"] is None else f"{figures['up_rate']:.0%}"
         table = "\n".join([
-            "| Turns | Sessions | Rated | Thumbs up | Thumbs down | Thumbs-up rate | Corrections | Curated answers | Handoffs asked | Handoffs offered |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| Turns | Sessions | Rated | Thumbs up | Thumbs down | Thumbs-up rate | Corrections | Curated answers | Replaced by the guard | Handoffs asked | Handoffs offered |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             f"| {figures['turns']:,} | {figures['sessions']:,} | {figures['rated']:,} | {figures['up']:,} | "
             f"{figures['down']:,} | {rate} | {figures['corrections']:,} | {figures['curated']:,} | "
-            f"{figures['handoffs_requested']:,} | {figures['handoffs_offered']:,} |",
+            f"{figures['guard_replaced']:,} | {figures['handoffs_requested']:,} | {figures['handoffs_offered']:,} |",
         ])
         if figures["unsaved"]:
             table += f"\n\n⚠️ {figures['unsaved']:,} writes are waiting in the spill file to be saved."

@@ -1,0 +1,93 @@
+"""The faithfulness guard and the evidence it checks against (no model: these are text rules)."""
+from __future__ import annotations
+
+import pytest
+
+from chatapp.evidence import Evidence, EvidenceSelector, conditions, extractive_answer, split_units
+from chatapp.guard import StreamGuard, check, claims
+
+EVIDENCE = ["Shipping costs are too high: Out for delivery or delivered: we refund part of it: standard shipping is "
+            "$8.00.", "Silver members can return items within 6 months."]
+
+
+@pytest.mark.parametrize("answer", ["We refund $8 of it.", "We refund $8.00 of it.", "We refund eight dollars.",
+                                    "We refund 8 dollars.", "Returns are accepted for 6 months.",
+                                    "Returns are accepted for six months.", "退货期限是六个月。", "运费退还8美元。"])
+def test_supported_claims_are_kept(answer):
+    verdict = check(answer, EVIDENCE)
+    assert verdict.claims, answer
+    assert verdict.supported, verdict.unsupported
+
+
+@pytest.mark.parametrize("answer, claim", [("The standard refund is $12.", "$12"),
+                                           ("We refund twelve dollars.", "twelve dollars"),
+                                           ("You can return it within 90 days.", "90 days"),
+                                           ("Gold members get 10% off.", "10%"),
+                                           ("退货期限是三个月。", "三个月"),
+                                           ("We also give you a discount.", "discount")])
+def test_invented_claims_are_flagged(answer, claim):
+    verdict = check(answer, EVIDENCE)
+    assert claim in verdict.unsupported
+
+
+def test_the_conversation_supports_what_the_customer_said():
+    assert check("You were overcharged by $5, so you get it back.", ["I was overcharged by $5."]).supported
+    assert not check("You were overcharged by $5.", ["I was overcharged."]).supported
+
+
+def test_amounts_are_canonical():
+    assert [c.value for c in claims("$8, $8.00, 8 dollars, eight dollars, 8元")] == [8.0] * 5
+    assert [c.value for c in claims("6 months, six months, 六个月, 180 days")] == [180.0] * 4
+    assert claims("your username is hchen1") == []
+
+
+def test_stream_guard_never_shows_an_unsupported_sentence():
+    guard = StreamGuard(EVIDENCE)
+    text, shown = "", []
+    for piece in ["Sure", "! We", " refund", " part:", " $", "8", ".00", " of", " it.", " Also", " $12", " more."]:
+        text += piece
+        shown.append(guard.feed(text))
+    assert all("$12" not in s for s in shown)
+    assert "We refund part: $8.00 of it." in shown[-1]
+    assert guard.failed == ["$12"]
+    assert not guard.finish(text).supported
+
+
+def test_stream_guard_holds_a_claim_until_its_sentence_is_checked():
+    guard = StreamGuard(EVIDENCE)
+    assert guard.feed("The fee is $8") == "The fee is "
+    assert guard.feed("The fee is $8.00 for delivered orders. Thanks") == "The fee is $8.00 for delivered orders."
+
+
+def test_units_and_conditions():
+    text = ("Whether we can extend your payment date depends on your membership level:\n\n- **Gold** members can "
+            "always get an extension.\n- **Bronze and Guest** members cannot get an extension. You can ask for a\n"
+            "  manager to call you back.")
+    units = split_units(text)
+    assert "Gold members can always get an extension." in units
+    assert any(u.startswith("Bronze and Guest members cannot") and u.endswith("call you back.") for u in units)
+    assert conditions("I'm a gold member")["member"] == {"gold"}
+    assert conditions("我是铜卡会员")["member"] == {"bronze"}
+    assert conditions("My order hasn't shipped yet")["status"] == {"received"}
+
+
+def test_selector_prefers_the_customers_own_membership_level():
+    from chatapp.retrieval import Hit
+
+    hit = Hit("kb.md#3", "kb.md", "Subscription › Asking for more time to pay",
+              "- **Gold** members can always get an extension.\n- **Bronze and Guest** members cannot get an "
+              "extension.", 1.0, "doc")
+    selector = EvidenceSelector(embedder=None)
+    assert selector.select("I'm a guest. Can I get more time to pay?", [], [hit])[0].text.startswith("Bronze")
+    assert selector.select("I'm gold. Can I get more time to pay?", [], [hit])[0].text.startswith("Gold")
+    history = [{"role": "user", "content": "Hi, I'm a gold member."}, {"role": "assistant", "content": "Hello!"}]
+    assert selector.select("Can I get more time to pay?", history, [hit])[0].text.startswith("Gold")
+
+
+def test_extractive_answer_cites_its_heading():
+    unit = Evidence("Gold members can always get an extension.", "Asking for more time to pay", "kb.md", "kb.md#3~1",
+                    "kb.md#3")
+    answer = extractive_answer([unit])
+    assert answer == 'From our help article "Asking for more time to pay": Gold members can always get an extension.'
+    assert check(answer, [unit.text]).supported
+    assert extractive_answer([]) == ""
