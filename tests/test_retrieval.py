@@ -309,3 +309,52 @@ def test_approximate_index_above_the_configured_size(tmp_path, embedder):
     retriever.refresh()
     assert type(retriever.data.index).__name__ == "IndexHNSWFlat"
     assert retriever.search("do gift cards expire").hits[0].title == "Gift cards"
+
+
+def test_banking77_loader_reads_multi_line_texts(tmp_path):
+    from chatapp.evaluate import humanise, load_banking77, medoid_faqs
+
+    path = tmp_path / "train.csv"
+    path.write_text('text,category\n'
+                    'I am still waiting on my card?,card_arrival\n'
+                    '"My card has not arrived,\nit has been two weeks",card_arrival\n'
+                    '"Why was I charged a fee\n\nfor a transfer?",transfer_fee_charged\n'
+                    'When will my card arrive?,card_arrival\n', encoding="utf-8")
+    rows = load_banking77(path)
+    assert rows == [("I am still waiting on my card?", "card_arrival"),
+                    ("My card has not arrived, it has been two weeks", "card_arrival"),
+                    ("Why was I charged a fee for a transfer?", "transfer_fee_charged"),
+                    ("When will my card arrive?", "card_arrival")]
+    assert humanise("transfer_fee_charged") == "Transfer fee charged"
+    vectors = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.98, 0.2]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    faqs, medoids = medoid_faqs(rows, vectors)
+    assert [f["id"] for f in faqs] == ["card_arrival", "transfer_fee_charged"]
+    assert faqs[0]["question"] == "When will my card arrive?" and faqs[0]["answer"] == "Card arrival"  # the medoid
+    assert medoids.tolist() == [3, 2]
+
+
+def test_fusion_ranks_a_clearly_dense_better_paraphrase_first(tmp_path, embedder):
+    """A paraphrase whose FAQ shares only a common word with it, and a wrong FAQ sharing its rare word: BM25 alone
+    picks the wrong one, the hybrid must not (BM25 only reorders near-ties of the cosine)."""
+    settings = make_settings(tmp_path)
+    faqs = [{"id": "arrival", "question": "My new card still hasn't been delivered",
+             "answer": "Cards arrive within 5 working days."},
+            {"id": "pin", "question": "How do I change the PIN of my card?",
+             "answer": "Change your PIN in the app under Card settings."},
+            {"id": "fee", "question": "Why is there an extra charge on my statement?",
+             "answer": "Extra charges are card payment or exchange fees."},
+            {"id": "wait", "question": "Is there a waiting list for the metal plan?",
+             "answer": "The metal plan is open to everyone; there is no waiting list."}]
+    (settings.retrieval.knowledge_dir / "bank.jsonl").write_text("".join(json.dumps(f) + "\n" for f in faqs))
+    retriever = Retriever.open(settings, embedder)
+    question = "where is the card you sent me? I've been waiting weeks"
+    ids = lambda result: [h.chunk_id.split("#", 1)[1] for h in result.hits]
+    assert ids(retriever.search(question, dense=False))[0] == "wait"  # BM25: "waiting" is rare, "card" is not
+    dense_only = retriever.search(question, lexical=False)
+    assert ids(dense_only)[0] == "arrival"
+    hybrid = retriever.search(question)
+    assert ids(hybrid)[0] == "arrival" and hybrid.hits[0].similarity == dense_only.hits[0].similarity
+    # with near-tied cosines, BM25 decides: the weight is what bounds its say
+    settings.retrieval.bm25_weight = 5.0
+    assert ids(retriever.search(question))[0] == "wait"
