@@ -78,8 +78,13 @@ def clean_message(text: str, limit: int) -> tuple[str, str | None]:
 class Bot:
     """Everything a chat needs, loaded once per process and shared by all sessions (it holds no session state)."""
 
-    def __init__(self, settings: Settings, model, retriever=None, prompts=None, feedback=None, adapters=None):
+    def __init__(self, settings: Settings, model, retriever=None, prompts=None, feedback=None, adapters=None,
+                 inbox=None):
+        from chatapp.access import Accounts
+
         self.settings = settings
+        self.inbox = inbox  # chatapp.inbox.Inbox: conversations a person takes over (None: handoffs are only logged)
+        self.accounts = Accounts(settings.ui)
         self.model = model
         self.retriever = retriever
         self.prompts = prompts
@@ -107,6 +112,8 @@ class Bot:
                 settings.feedback_db, settings.feedback
             ),
             "adapters": lambda: __import__("chatapp.adapters", fromlist=["AdapterRegistry"]).AdapterRegistry(settings),
+            "inbox": lambda: __import__("chatapp.inbox", fromlist=["Inbox"]).Inbox(
+                settings.feedback_db, settings.feedback.busy_timeout_s, settings.ui.agent_seen_s),
         }
         for name, loader in loaders.items():
             try:
@@ -142,6 +149,13 @@ class Bot:
             return True
         user = getattr(request, "username", None)
         return user is not None and user in self.settings.ui.admins
+
+    def role(self, request=None) -> str | None:
+        """'admin', 'agent', 'customer' or None for the signed-in user (no staff accounts: the local user is admin)."""
+        return self.accounts.role(getattr(request, "username", None))
+
+    def is_agent(self, request=None) -> bool:
+        return self.role(request) in ("agent", "admin")
 
     def status(self) -> str:
         """One line for the header: the model and adapter answering, and any part that is down."""
@@ -260,7 +274,8 @@ class Bot:
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
 
-        evidence = self.evidence.select(question, history, hits) if hits else []
+        k = self.settings.answer.evidence_units_cross_lingual if language == "zh" else None
+        evidence = self.evidence.select(question, history, hits, k=k) if hits else []
         template = self.settings.prompts.template_zh if language == "zh" else None
         rendered = self._render(question, history, evidence or hits, session.mode, gen, template)
         known = {f.name for f in fields(gen)}
@@ -395,6 +410,8 @@ class Bot:
             self.feedback.rate(message_id, rating, correction=correction, reason=reason or None, user=user)
         except FeedbackUnavailable as exc:  # kept in the spill file and saved once the database is back
             return f"⚠️ {exc}"
+        if self.inbox is not None:
+            self.inbox.set_rating(message_id, rating)
         if correction and self.prompts is not None:
             turn = self.feedback.turn(message_id)
             if turn:
@@ -408,7 +425,30 @@ class Bot:
         last_id = next((m for m in reversed(session.message_ids) if m), None)
         if self.feedback is not None:
             self.feedback.log_handoff(session.session_id, last_id, reason)
-        return "A member of our support team has been asked to join. You can keep writing here in the meantime."
+        if self.inbox is None:
+            return "A member of our support team has been asked to join. You can keep writing here in the meantime."
+        from chatapp.conversations import queue_for_person
+
+        return queue_for_person(self, session, reason)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Conversations a person takes over (chatapp/conversations.py holds the logic; these are the UI's entry points)
+
+    def chat(self, question: str, session: Session, *, user: str | None = None, **generation: Any) -> Iterator[Reply]:
+        """`answer`, routed: while a person has the conversation the message goes to them; every turn is kept."""
+        from chatapp.conversations import chat
+
+        yield from chat(self, question, session, user=user, **generation)
+
+    def open_conversation(self, conversation_id: str, user: str | None = None) -> Session:
+        from chatapp.conversations import open_session
+
+        return open_session(self, conversation_id, user)
+
+    def agent_reply(self, conversation_id: str, agent: str, text: str):
+        from chatapp.conversations import agent_reply
+
+        return agent_reply(self, conversation_id, agent, text)
 
 
 def _join(first: str | None, second: str) -> str:

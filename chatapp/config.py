@@ -120,6 +120,9 @@ class AnswerSettings:
     """How an answer is grounded (chatapp/evidence.py) and checked (chatapp/guard.py)."""
 
     evidence_units: int = 3  # sentences/bullets quoted to the model, best first
+    # A question in another language than the knowledge (Chinese to English articles) is matched on meaning alone,
+    # less sharply: quote more units so the one that answers is among them.
+    evidence_units_cross_lingual: int = 5
     evidence_per_chunk: int = 2  # at most this many from one retrieved chunk
     guard: bool = True  # replace answers whose amounts, durations, levels or offers the evidence does not support
     fallback_units: int = 2  # evidence units quoted when the guard replaces an answer (the top two hold the answer
@@ -134,6 +137,12 @@ class UISettings:
     allow_public: bool = False
     auth: list[tuple[str, str]] = field(default_factory=list)
     admins: list[str] = field(default_factory=list)  # with auth on, only these users edit prompts / promote adapters
+    agents: list[str] = field(default_factory=list)  # staff console users who answer customers (admins can too)
+    display_names: dict[str, str] = field(default_factory=dict)  # user -> the name customers see on agent replies
+    # When a person can be asked: "" = always, else "09:00-17:00" (local time), optionally "mon-fri 09:00-17:00".
+    support_hours: str = ""
+    staff_session_s: float = 8 * 3600.0  # a staff login expires after this long
+    agent_seen_s: float = 30.0  # an agent counts as signed in this long after their console last polled
     bot_name: str = "Ava"
     company: str = "Acme Outfitters"
     stream_every_s: float = 0.05  # screen updates while an answer streams at most this often (each re-sends the chat)

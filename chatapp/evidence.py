@@ -193,8 +193,9 @@ class EvidenceSelector:
         ranked = sorted(units, key=lambda u: -u.score)
         chosen: list[Evidence] = []
         per_chunk: dict[str, int] = {}
+        limit = max(self.per_chunk, (k + 1) // 2)  # one chunk may fill about half the quotes, never all of them
         for unit in ranked:
-            if per_chunk.get(unit.parent, 0) >= self.per_chunk:
+            if per_chunk.get(unit.parent, 0) >= limit:
                 continue
             per_chunk[unit.parent] = per_chunk.get(unit.parent, 0) + 1
             chosen.append(unit)

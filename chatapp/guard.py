@@ -45,7 +45,7 @@ PATTERNS: list[tuple[str, re.Pattern]] = [
     ("duration", re.compile(rf"({_NUM})(?:\s|-)?{_UNIT_EN}\b|\b({_WORD}|a|an)(?:\s|-){_UNIT_EN}\b"
                             rf"|({_NUM}|{_ZH})\s?(?:个)?{_UNIT_ZH}", re.I)),
     ("number", re.compile(rf"(?<![\w$€£.]){_NUM}(?![\w%])|(?<![\w])({_WORD})(?=\s+(?:items?|times?|pieces?|"
-                          r"pairs?|orders?|people|customers?|members?|codes?|questions?|pieces of))", re.I)),
+                          r"pairs?|orders?|people|customers?|members?|codes?|questions?|levels?)\b)", re.I)),
     ("level", re.compile(r"\b(gold|silver|bronze|guest)\b|金卡|银卡|铜卡", re.I)),
     ("offer", re.compile(r"\b(free of charge|free|no charge|no cost|waived?|discount|coupon)\b|免费|不收费|折扣|打折",
                          re.I)),
@@ -143,9 +143,10 @@ def claims(text: str) -> list[Claim]:
 def _matches(claim: Claim, reference: Claim) -> bool:
     if claim.kind in ("level", "offer") or reference.kind in ("level", "offer"):
         return claim.kind == reference.kind and claim.value == reference.value
-    if claim.kind == "duration" or reference.kind == "duration":
-        same = claim.kind == reference.kind or "number" in (claim.kind, reference.kind)
-        return same and abs(float(claim.value) - float(reference.value)) < 1e-6
+    if claim.kind == "duration":  # "4 days" is not supported by "four membership levels"
+        return reference.kind == "duration" and abs(float(claim.value) - float(reference.value)) < 1e-6
+    if reference.kind == "duration":  # a bare "30" in the answer may well be the "30 days" of the evidence
+        return claim.kind == "number" and abs(float(claim.value) - float(reference.value)) < 1e-6
     return abs(float(claim.value) - float(reference.value)) < 1e-6  # money/percent/number: the amount is the claim
 
 

@@ -46,8 +46,10 @@ def prepare(settings: Settings, prompts, retriever, items: list[dict]) -> list[d
                                                               {"role": "assistant", "content": "I see."})]
         question = item["turns"][-1]
         hits = retriever.search(question, history).hits
-        evidence = selector.select(question, history, hits)
-        template = settings.prompts.template_zh if any("\u3400" <= c <= "\u9fff" for c in question) else None
+        chinese = any("\u3400" <= c <= "\u9fff" for c in question)
+        evidence = selector.select(question, history, hits,
+                                   k=settings.answer.evidence_units_cross_lingual if chinese else None)
+        template = settings.prompts.template_zh if chinese else None
         name = template if template and template in prompts.names() else None
         messages = prompts.render(name, question=question, history=history, hits=evidence or hits,
                                   mode="zero_shot").messages

@@ -27,7 +27,7 @@ COMMAND = "python -m chatapp.tuning.shipped"
 
 
 def build(out: Path = SHIPPED_DIR, examples: int = 1800, data_dir: Path | None = None,
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, threads: int = 0) -> dict:
     """Train, then copy the registered candidate's small files to `out` (never the ~145 MB merged GGUF)."""
     from chatapp.tuning.run import tune
 
@@ -37,7 +37,8 @@ def build(out: Path = SHIPPED_DIR, examples: int = 1800, data_dir: Path | None =
         settings.tuning.seed_examples = examples
         settings.tuning.max_examples = examples
         settings.tuning.warm_start = False
-        settings.tuning.threads = os.cpu_count() or 2  # a one-off build: every core, whatever else is running
+        # A one-off build: every core on an idle machine; 1 when other work runs (OpenMP siblings crawl at barriers)
+        settings.tuning.threads = threads or os.cpu_count() or 2
         report = tune(settings, examples=examples, max_steps=max_steps, promote=False, force=True,
                       install_shipped=False)
         print(report, file=sys.stderr)
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=SHIPPED_DIR)
     parser.add_argument("--examples", type=int, default=1800)
     parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--data-dir", type=Path, help="keep the run here instead of a temporary folder")
+    parser.add_argument("--data-dir", type=Path, help="keep the run here (an interrupted build resumes from it)")
+    parser.add_argument("--threads", type=int, default=0, help="training threads (default: every core)")
     args = parser.parse_args(argv)
-    metadata = build(args.out, args.examples, args.data_dir, args.max_steps)
+    metadata = build(args.out, args.examples, args.data_dir, args.max_steps, args.threads)
     print(json.dumps({k: metadata.get(k) for k in ("data", "metrics", "status")}, indent=1, default=str))
     return 0
 
