@@ -308,11 +308,12 @@ class Bot:
         reply = Reply(text.strip(), **meta)
         if guard is not None:
             verdict = guard.finish(reply.text)
+            reply.guard = verdict.to_dict()
             if not verdict.supported:
-                reply.text, verdict.action = self.replacement(evidence, question)
+                reply.text, reply.guard["action"] = self.replacement(evidence, question)
+                reply.guard["model_answer"] = text.strip()  # kept for the staff (gaps, inbox), never shown
                 reply.replaced = True
                 log.info("guard replaced answer %s: unsupported %s", message_id, verdict.unsupported)
-            reply.guard = verdict.to_dict()
         yield from self._finish(
             reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
             first_token=first_token,

@@ -353,20 +353,50 @@ def test_gate_rejects_a_broken_candidate_and_accepts_a_fine_one(sane_model_dir, 
 
 
 def test_gate_decision_rules(tsettings):
-    def scores(rouge, cosine, replay, stops, degenerate, refused):
-        return {"rouge_l": rouge, "cosine": cosine, "replay_accuracy": replay, "stop_rate": stops,
-                "degenerate_rate": degenerate, "items": [{"refused": r} for r in refused]}
+    def scores(accuracy, unsupported, replay, stops, degenerate, refused, rouge=0.30):
+        return {"answer_accuracy": accuracy, "unsupported_rate": unsupported, "rouge_l": rouge, "cosine": 0.6,
+                "replay_accuracy": replay, "stop_rate": stops, "degenerate_rate": degenerate,
+                "items": [{"refused": r} for r in refused]}
 
     t = tsettings.tuning
-    reference = scores(0.30, 0.60, 0.50, 0.9, 0.0, [False] * 10)
-    ok, _ = gate_decision({"base": reference, "candidate": scores(0.29, 0.59, 0.49, 0.85, 0.05, [True] + [False] * 9)}, t)
-    assert ok  # within every margin, one new refusal of ten allowed
-    for bad in (scores(0.25, 0.60, 0.50, 0.9, 0.0, [False] * 10),   # quality drop
-                scores(0.30, 0.60, 0.40, 0.9, 0.0, [False] * 10),   # forgot the replay set
-                scores(0.30, 0.60, 0.50, 0.5, 0.0, [False] * 10),   # no longer stops
-                scores(0.30, 0.60, 0.50, 0.9, 0.3, [False] * 10),   # repeats itself
-                scores(0.30, 0.60, 0.50, 0.9, 0.0, [True] * 3 + [False] * 7)):  # refuses what base answered
+    reference = scores(0.60, 0.10, 0.50, 0.9, 0.0, [False] * 10)
+    ok, checks = gate_decision({"base": reference, "candidate": scores(0.60, 0.10, 0.49, 0.85, 0.05,
+                                                                       [True] + [False] * 9, rouge=0.10)}, t)
+    assert ok  # within every margin, one new refusal of ten allowed; ROUGE-L fell but is a figure, not a check
+    assert any(c["check"] == "golden ROUGE-L" and "figure only" in c["rule"] for c in checks)
+    for bad in (scores(0.55, 0.10, 0.50, 0.9, 0.0, [False] * 10, rouge=0.5),  # fewer right answers, better ROUGE
+                scores(0.70, 0.15, 0.50, 0.9, 0.0, [False] * 10),   # more right, but invents more
+                scores(0.60, 0.10, 0.40, 0.9, 0.0, [False] * 10),   # forgot the replay set
+                scores(0.60, 0.10, 0.50, 0.5, 0.0, [False] * 10),   # no longer stops
+                scores(0.60, 0.10, 0.50, 0.9, 0.3, [False] * 10),   # repeats itself
+                scores(0.60, 0.10, 0.50, 0.9, 0.0, [True] * 3 + [False] * 7)):  # refuses what base answered
         assert not gate_decision({"base": reference, "candidate": bad}, t)[0]
+
+
+def test_gate_scores_shop_questions_through_the_serving_steps(tsettings, tmp_path):
+    """The correctness part renders each question with retrieval + evidence + the live template, once."""
+    import json
+
+    from chatapp.prompts import PromptManager
+    from chatapp.retrieval import Retriever
+    from chatapp.tuning.correctness import gate_questions, prepare, score
+
+    (tmp_path / "kb").mkdir()
+    (tmp_path / "kb" / "fees.md").write_text("# Fees\n\n## Overnight shipping\n\nOvernight shipping costs $20 for "
+                                             "Bronze members; Gold members get it free.\n", encoding="utf-8")
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in [
+        {"id": "a", "turns": ["What does overnight shipping cost? I'm bronze."], "facts": [["$20"]]},
+        {"id": "zh", "turns": ["隔夜送达多少钱？"], "facts": [["20"]]}]) + "\n", encoding="utf-8")
+    tsettings.retrieval.knowledge_dir = tmp_path / "kb"
+    tsettings.tuning.gate_questions = questions
+    items = gate_questions(tsettings)
+    assert [i["id"] for i in items] == ["a"]  # the tiny model's profile is English-only
+    prepared = prepare(tsettings, PromptManager(tsettings), Retriever.open(tsettings), items)
+    assert "$20 for Bronze members" in prepared[0]["messages"][-1]["content"]
+    right, wrong = score(prepared, ["It costs $20."]), score(prepared, ["It costs $35."])
+    assert right["answer_accuracy"] == 1.0 and right["unsupported_rate"] == 0.0
+    assert wrong["answer_accuracy"] == 0.0 and wrong["unsupported_rate"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------- tune()
