@@ -44,9 +44,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also open a temporary public link (needs internet)")
     parser.add_argument("--allow-public", action="store_true", help="allow --share without --auth")
     parser.add_argument("--auth", action="append", metavar="USER:PASS", help="require a login (repeatable)")
-    parser.add_argument("--auth-file", help="file with one USER:PASS per line")
+    parser.add_argument("--auth-file", help="file with one USER:PASS[:ROLE[:DISPLAY NAME]] per line "
+                                             "(ROLE: customer, agent or admin)")
     parser.add_argument("--admin", action="append", metavar="USER",
                         help="users allowed to edit prompts and promote adapters (default: the first --auth user)")
+    parser.add_argument("--agent", action="append", metavar="USER",
+                        help="users who answer customers in the staff console's inbox (/staff)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -73,13 +76,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "allow_public", False):
         settings.ui.allow_public = True
     users = list(settings.ui.auth) + [_parse_credential(c, "--auth") for c in getattr(args, "auth", None) or []]
+    roles: dict[str, str] = {}
     if getattr(args, "auth_file", None):
-        users += read_auth_file(Path(args.auth_file))
+        for user, password, role, name in read_auth_file(Path(args.auth_file)):
+            users.append((user, password))
+            if role:
+                roles[user] = role
+            if name:
+                settings.ui.display_names[user] = name
     settings.ui.auth = users
     if getattr(args, "admin", None):
         settings.ui.admins = list(args.admin)
-    elif users and not settings.ui.admins:
+    elif users and not settings.ui.admins and not roles:
         settings.ui.admins = [users[0][0]]
+    settings.ui.admins += [u for u, r in roles.items() if r == "admin" and u not in settings.ui.admins]
+    settings.ui.agents = list(settings.ui.agents) + list(getattr(args, "agent", None) or []) + \
+        [u for u, r in roles.items() if r == "agent"]
     return settings
 
 
@@ -90,13 +102,23 @@ def _parse_credential(text: str, where: str) -> tuple[str, str]:
     return user, password
 
 
-def read_auth_file(path: Path) -> list[tuple[str, str]]:
+def read_auth_file(path: Path) -> list[tuple[str, str, str, str]]:
+    """(user, password, role or "", display name or "") per line; a malformed line stops the start, naming it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise SystemExit(f"--auth-file {path}: {exc.strerror or exc}") from None
-    users = [_parse_credential(line, f"{path}:{n}") for n, line in enumerate(lines, 1)
-             if line.strip() and not line.lstrip().startswith("#")]
+    users = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.strip().split(":", 3)
+        has_role = len(parts) >= 3 and parts[2].strip().lower() in ("customer", "agent", "admin")
+        # without a known role the rest of the line is the password (which may hold colons), as before roles
+        user, password = _parse_credential(":".join(parts[:2]) if has_role else line, f"{path}:{n}")
+        role = parts[2].strip().lower() if has_role else ""
+        rest = parts[2:] if has_role else []
+        users.append((user, password, role, rest[1].strip() if len(rest) > 1 else ""))
     if not users:
         raise SystemExit(f"--auth-file {path}: no USER:PASS lines")
     return users
@@ -104,9 +126,10 @@ def read_auth_file(path: Path) -> list[tuple[str, str]]:
 
 def serve(settings: Settings) -> int:
     """Load the bot, start the web app, keep it up until Ctrl-C or SIGTERM."""
+    from chatapp.access import Accounts, is_local
     from chatapp.bot import Bot
     from chatapp.model import ModelError
-    from chatapp.ui import build
+    from chatapp.ui.server import Server
 
     ui = settings.ui
     if ui.share and not ui.auth and not ui.allow_public:
@@ -114,12 +137,17 @@ def serve(settings: Settings) -> int:
               "knowledge base and edit its prompts. Add --auth USER:PASS (or --auth-file), or pass --allow-public\n"
               "if that is really what you want.", file=sys.stderr)
         return 2
+    if (ui.share or not is_local(ui.host)) and not Accounts(ui).staff and not ui.allow_public:
+        print(f"Refusing to serve the staff console (/staff) on {ui.host} without a staff login: anyone who can\n"
+              "reach this address could read every conversation and export the feedback. Add --auth USER:PASS with\n"
+              "--admin USER / --agent USER (or an --auth-file with roles), listen on 127.0.0.1, or pass\n"
+              "--allow-public if that is really what you want.", file=sys.stderr)
+        return 2
     try:
         bot = Bot.create(settings)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = build(bot)
     stopping = threading.Event()
 
     def request_stop(_signum, _frame) -> None:
@@ -130,16 +158,18 @@ def serve(settings: Settings) -> int:
     # Ctrl-C and SIGTERM (docker stop, systemd) both shut down cleanly: queued feedback writes are flushed first.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    app = Server(bot, ui.host, ui.port)
     try:
-        app.launch(server_name=ui.host, server_port=ui.port, share=ui.share, auth=ui.auth or None,
-                   prevent_thread_lock=True, show_error=True)
+        app.start()
     except OSError as exc:
         print(f"error: cannot listen on {ui.host}:{ui.port}: {exc}", file=sys.stderr)
         return 2
-    print(f"Chat app ready at {app.local_url}", flush=True)
-    if ui.share and not app.share_url:
+    print(f"Chat app ready at {app.local_url} (staff console: {app.local_url}staff/)", flush=True)
+    if ui.share and not app.share():
         print("The public --share link could not be created (this machine cannot reach the tunnel service: offline or\n"
               f"blocked). The app keeps serving locally at {app.local_url}.", flush=True)
+    elif ui.share:
+        print(f"Public link: {app.share_url}", flush=True)
     try:
         while not stopping.wait(1):
             pass
@@ -147,6 +177,8 @@ def serve(settings: Settings) -> int:
     finally:
         _exit_within(SHUTDOWN_GRACE_S)  # the feedback flush below is bounded at 30 s, the web server at 5 s
         app.close()
+        if bot.inbox is not None:
+            bot.inbox.close()
         if bot.feedback is not None:
             bot.feedback.close()  # every logged answer is on disk from here on
         _exit_within(EXIT_GRACE_S)

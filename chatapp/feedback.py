@@ -87,6 +87,39 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE turns ADD COLUMN guard TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE turns ADD COLUMN guard_replaced INTEGER NOT NULL DEFAULT 0",
     ],
+    # Conversations a person can take over (chatapp/inbox.py): state, claim, and every message of the transcript.
+    [
+        """CREATE TABLE conversations (
+            conversation_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL DEFAULT 'bot' CHECK (state IN ('bot', 'waiting', 'with_agent', 'resolved')),
+            reason TEXT,
+            language TEXT NOT NULL DEFAULT 'en',
+            agent TEXT,
+            agent_name TEXT,
+            user TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            waiting_since REAL,
+            first_human_at REAL,
+            handed_at REAL,
+            closed_at REAL,
+            note TEXT,
+            csat INTEGER,
+            contact TEXT
+        )""",
+        "CREATE INDEX conversations_state ON conversations(state, waiting_since)",
+        "CREATE INDEX conversations_created_at ON conversations(created_at)",
+        """CREATE TABLE conversation_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            text TEXT NOT NULL,
+            author TEXT,
+            created_at REAL NOT NULL,
+            meta TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX conversation_messages_conv ON conversation_messages(conversation_id, id)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 _TURN_COLUMNS = (

@@ -192,7 +192,7 @@ def test_admin_tab_promotes_and_rolls_back_through_gradio(settings, peft_adapter
 
     from chatapp.bot import Bot
     from chatapp.model import TransformersModel
-    from chatapp.ui import adapters_tab
+    from chatapp.ui.staff import adapters_tab
 
     registry = registry_with(settings, peft_adapter, 2)
     settings.ui.auth = [("admin", "pw-admin"), ("clerk", "pw-clerk")]

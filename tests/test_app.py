@@ -169,7 +169,7 @@ def test_wrong_model_path_is_a_clear_error(tmp_path: Path):
 
 def test_offline_share_keeps_serving_locally_and_exits_cleanly(tiny_model_dir: Path, tmp_path: Path):
     port = free_port()
-    proc = run_launch("--share", "--auth", "admin:secret", "--port", str(port),
+    proc = run_launch("--share", "--auth", "admin:secret", "--auth", "cust:pw", "--port", str(port),
                       tiny_model_dir=tiny_model_dir, data_dir=tmp_path)
     lines: list[str] = []
     deadline = time.monotonic() + 240
@@ -183,7 +183,7 @@ def test_offline_share_keeps_serving_locally_and_exits_cleanly(tiny_model_dir: P
     out = "".join(lines)
     try:
         assert "could not be created" in out, out[-2000:]
-        client = Client(f"http://127.0.0.1:{port}/", auth=("admin", "secret"), verbose=False)
+        client = Client(f"http://127.0.0.1:{port}/", auth=("cust", "pw"), verbose=False)  # a customer account
         _, (chatbot, *_rest) = chat(client, "Hello", max_tokens=16)
         assert texts(chatbot)[0] == ("user", "Hello")
     finally:

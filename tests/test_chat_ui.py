@@ -1,5 +1,5 @@
-"""The chat tab in a real browser (Playwright + Debian's chromium): answer, 👎 + correction, the correction used at once,
-the human handoff, and clear."""
+"""The customer chat in a real browser (Playwright + Debian's chromium): answer, 👎 + correction, the correction used at
+once, the human handoff when nobody is signed in, and clear."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,10 +68,15 @@ def test_thumbs_down_correction_is_used_for_the_same_question(page):
     assert "gift cards are accepted at checkout" in answer and "Curated answer" in answer
 
 
-def test_talk_to_a_person_hands_the_conversation_over(page):
+def test_talk_to_a_person_with_nobody_signed_in_takes_a_message(page):
+    """No agent has the console open: the bot says so and takes a message and a contact instead of promising one."""
     clear(page)
     ask(page, "Where is my parcel?")
     page.locator("#handoff").click()
-    page.locator("#chatbot").get_by_text("support team has been asked to join").wait_for(timeout=10_000)
-    ask(page, "Hello?")
-    assert "A member of our team has this conversation" in last_bot_text(page)
+    page.locator("#chatbot").get_by_text("Nobody from our support team is signed in").wait_for(timeout=10_000)
+    page.locator("#contact input, #contact textarea").first.fill("ann@example.com")
+    page.locator("#contact-message textarea").fill("Parcel 123 never arrived")
+    page.locator("#contact-send").click()
+    page.locator("#chatbot").get_by_text("your message is with our support team").wait_for(timeout=10_000)
+    conversation = page.bot.inbox.open_conversations()[0]
+    assert conversation.state == "waiting" and conversation.contact == "ann@example.com"

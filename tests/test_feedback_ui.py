@@ -16,7 +16,7 @@ from gradio_client import Client
 
 from chatapp.config import FeedbackSettings, Settings
 from chatapp.feedback import FeedbackStore, TurnRecord, new_message_id
-from chatapp.ui import dashboard_tab
+from chatapp.ui.staff import dashboard_tab
 from conftest import free_port
 
 XSS = "<img src=x onerror=\"window.__xss=1\"> <b>Where</b> is my refund?"

@@ -195,7 +195,7 @@ def test_cli_gaps_and_eval_gaps(setup, tmp_path, capsys):
 def serve_tab(setup, auth=None):
     import gradio as gr
 
-    from chatapp.ui import gaps_tab
+    from chatapp.ui.staff import gaps_tab
 
     bot = SimpleNamespace(feedback=setup.store, retriever=setup.retriever, settings=setup.settings, problems={},
                           is_admin=lambda request=None: not auth or getattr(request, "username", None) == "admin")

@@ -3,8 +3,9 @@
 1. Tab level: edit a template, see validation errors with their line, preview with retrieved context, save a
    version, see history and diff, and be refused as a non-admin. The tab gets a small object exposing what a Bot
    exposes to it (`prompts`, `retriever`, `settings`, `model`, `is_admin`): wiring, not the thing under test.
-2. Full app: the real `chatapp.ui.build(Bot)`: edit and save in the Prompts tab, ask in the Chat tab, and the next
-   answer is produced from the new wording (checked in the turn the bot logged).
+2. Full app: the real server (`chatapp.ui.server.Server(Bot)`): edit and save in the staff console's Prompts tab,
+   ask in the customer chat, and the next answer is produced from the new wording (checked in the turn the bot
+   logged).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from conftest import free_port
 pytestmark = pytest.mark.slow
 
 NEW_WORDING = "Answer in exactly one sentence and sign off as Captain Zephyr."
-OLD_WORDING = "Answer in one to three short, friendly sentences."
+OLD_WORDING = "Answer from the information given, in one to three short sentences"  # prompts/support.yaml line 6
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def editor_text(page, elem_id: str) -> str:
 
 
 def test_prompts_tab_edit_validate_preview_save(browser, tmp_path, embedder, retriever):
-    from chatapp.ui import prompts_tab
+    from chatapp.ui.staff import prompts_tab
 
     settings = Settings(data_dir=tmp_path / "var")
     prompts = PromptManager(settings, embedder)
@@ -168,20 +169,19 @@ def small_knowledge(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_full_app_uses_the_saved_wording_in_the_next_answer(browser, settings: Settings, tmp_path):
-    """The real app (chatapp.ui.build + Bot) with conftest's tiny model: save a new wording in the Prompts tab,
-    ask in the Chat tab, and the logged turn shows the answer was generated from that wording, version 2."""
-    try:
-        from chatapp.bot import Bot
-        from chatapp.ui import build
-    except ImportError as exc:
-        pytest.skip(f"the full app is not available yet: {exc}")
+    """The real app (chatapp.ui.server + Bot) with conftest's tiny model: save a new wording in the console's Prompts
+    tab, ask in the customer chat, and the logged turn shows the answer was generated from that wording, version 2."""
+    from chatapp.bot import Bot
+    from chatapp.ui.server import Server
+
     small_knowledge(settings, tmp_path)
     bot = Bot.create(settings)
     assert bot.prompts is not None and bot.feedback is not None, bot.problems
-    app, url = launch(build(bot))
+    app = Server(bot, port=free_port()).start()
+    url = app.local_url
     page = browser.new_page()
     try:
-        page.goto(url)
+        page.goto(url + "staff/")
         page.get_by_role("tab", name="Prompts").click()
         page.wait_for_function("() => document.querySelector('#prompts-editor .cm-content')?.innerText"
                                ".includes('name: support')")
@@ -193,7 +193,7 @@ def test_full_app_uses_the_saved_wording_in_the_next_answer(browser, settings: S
         page.click("#prompts-save")
         page.wait_for_selector("#prompts-status :text('Saved support version 2')")
 
-        page.get_by_role("tab", name="Chat").click()
+        page.goto(url)
         page.fill("#message textarea", "Can I return a pair of jeans?")
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('#chatbot .message').length >= 2", timeout=120_000)
@@ -223,20 +223,15 @@ def _turns(bot) -> list[dict]:
 
 def test_full_app_with_auth_only_admins_edit(browser, settings: Settings, tmp_path):
     """Real login, real `Bot.is_admin(request)`: a staff user can preview but not save; the admin can."""
-    try:
-        from chatapp.bot import Bot
-        from chatapp.ui import build
-    except ImportError as exc:
-        pytest.skip(f"the full app is not available yet: {exc}")
+    from chatapp.bot import Bot
+    from chatapp.ui.server import Server
+
     settings.ui.auth = [("admin", "admin-pw"), ("staff", "staff-pw")]
-    settings.ui.admins = ["admin"]
+    settings.ui.admins, settings.ui.agents = ["admin"], ["staff"]
     small_knowledge(settings, tmp_path)
     bot = Bot.create(settings)
-    app = build(bot)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               auth=settings.ui.auth)
-    url = f"http://127.0.0.1:{port}/"
+    app = Server(bot, port=free_port()).start()
+    url = app.local_url + "staff/"
     try:
         for user, password, may_save in (("staff", "staff-pw", False), ("admin", "admin-pw", True)):
             context = browser.new_context()

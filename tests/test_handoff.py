@@ -1,0 +1,178 @@
+"""The two surfaces and the human handoff: the customer app's API holds no staff endpoint and opens no one else's
+conversation (gradio_client), the inbox rules (claim, reply, hand back, resolve, persistence), roles and logins,
+and learning from agents. The browser walk-through is tests/test_handoff_ui.py."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from chatapp.access import Accounts, BrowserTokens, ExpiringTokens
+from chatapp.benchutil import message_text
+from chatapp.bot import Bot
+from chatapp.config import REPO_ROOT, Settings
+from chatapp.inbox import Inbox, InboxError
+from conftest import free_port
+
+CUSTOMER_ENDPOINTS = {"/chat", "/stop", "/clear", "/rate", "/correct", "/handoff"}
+
+
+def small_knowledge(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "kb").mkdir(exist_ok=True)
+    shutil.copy(REPO_ROOT / "knowledge" / "refunds-and-returns.md", tmp_path / "kb")
+    settings.retrieval.knowledge_dir = tmp_path / "kb"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path, tmp_path_factory):
+    from chatapp.ui.server import Server
+
+    root = tmp_path_factory.mktemp("handoff")
+    settings = Settings(data_dir=root / "data")
+    settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
+    settings.generation.max_new_tokens, settings.generation.temperature = 16, 0.0
+    settings.ui.auth = [("boss", "pw-boss"), ("ann", "pw-ann"), ("cust", "pw-cust"), ("other", "pw-other")]
+    settings.ui.admins, settings.ui.agents = ["boss"], ["ann"]
+    small_knowledge(settings, root)
+    bot = Bot.create(settings)
+    server = Server(bot, port=free_port()).start()
+    yield bot, server.local_url
+    server.close()
+
+
+def chat(client: Client, text: str, token=None):
+    job = client.submit(text, "auto", 0.0, 16, token, api_name="/chat")
+    job.result(timeout=120)
+    return job.outputs()[-1]
+
+
+def test_customer_api_lists_no_staff_endpoint(served):
+    bot, url = served
+    customer = Client(url, auth=("cust", "pw-cust"), verbose=False)
+    names = set(customer.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert names <= CUSTOMER_ENDPOINTS, names
+    widget = Client(url + "widget/", auth=("cust", "pw-cust"), verbose=False)
+    assert set(widget.view_api(return_format="dict", print_info=False)["named_endpoints"]) <= CUSTOMER_ENDPOINTS
+    # the console is another app: a customer account cannot sign in there, and nothing is served without a login
+    with pytest.raises(Exception):
+        Client(url + "staff/", auth=("cust", "pw-cust"), verbose=False)
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(url + "staff/gradio_api/info")
+    staff = Client(url + "staff/", auth=("ann", "pw-ann"), verbose=False)
+    assert "/dashboard_export" in staff.view_api(return_format="dict", print_info=False)["named_endpoints"]
+
+
+def test_a_customer_cannot_open_another_customers_conversation(served):
+    bot, url = served
+    alice = Client(url, auth=("cust", "pw-cust"), verbose=False)
+    chat(alice, "My order number is 4711, where is it?")
+    alice.predict(None, api_name="/handoff")
+    cid = next(c.conversation_id for c in bot.inbox.open_conversations()
+               if any("4711" in m.text for m in bot.inbox.messages(c.conversation_id)))
+    before = len(bot.inbox.messages(cid))
+    for guess in (cid, f"{cid}.{'0' * 32}", cid[:16] + "." + cid[16:]):  # replayed / forged ids
+        mallory = Client(url, auth=("other", "pw-other"), verbose=False)
+        chatbot = chat(mallory, "Show me my conversation", token=guess)[0]
+        assert all("4711" not in message_text(m["content"]) for m in chatbot)
+    assert len(bot.inbox.messages(cid)) == before  # nothing written into Alice's conversation either
+
+
+def test_inbox_claim_reply_hand_back_resolve_and_restart(tmp_path):
+    db = tmp_path / "feedback.sqlite3"
+    inbox = Inbox(db)
+    inbox.ensure("c1")
+    inbox.add("c1", "customer", "<b>help</b>")
+    inbox.request_person("c1", "user_request")
+    inbox.ensure("c2")
+    inbox.request_person("c2", "downvoted")
+    assert [c.conversation_id for c in inbox.open_conversations()] == ["c1", "c2"]
+    assert inbox.queue_position("c2") == 2
+    inbox.claim("c1", "ann", "Ann")
+    with pytest.raises(InboxError, match="Ann already has this conversation"):
+        inbox.claim("c1", "bob", "Bob")
+    with pytest.raises(InboxError, match="Ann has this conversation"):
+        inbox.reply("c1", "bob", "Bob", "hi")
+    inbox.reply("c1", "ann", "Ann", "Hello, I'm Ann")
+    inbox.hand_back("c1", "ann", "answered")
+    with pytest.raises(InboxError, match="already handed back"):
+        inbox.reply("c1", "ann", "Ann", "one more thing")
+    inbox.resolve("c2", "bob", "duplicate")
+    with pytest.raises(InboxError, match="already resolved"):
+        inbox.reply("c2", "bob", "Bob", "late")
+    inbox.close()
+    again = Inbox(db)  # a restart keeps states and messages
+    assert again.get("c1").state == "bot" and again.get("c2").state == "resolved"
+    assert [m.role for m in again.messages("c1")] == ["customer", "system", "agent", "system"]
+    figures = again.figures()["period"]
+    assert figures["handoff_rate"] == 1.0 and figures["first_reply_p50_s"] is not None
+
+
+def test_roles_tokens_and_slowed_logins(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    settings.ui.auth = [("boss", "a"), ("ann", "b"), ("cust", "c")]
+    settings.ui.admins, settings.ui.agents = ["boss"], ["ann"]
+    accounts = Accounts(settings.ui, fail_free=2, max_delay_s=0.4)
+    assert (accounts.role("boss"), accounts.role("ann"), accounts.role("cust")) == ("admin", "agent", "customer")
+    check = accounts.checker(accounts.staff)
+    assert asyncio.run(check("ann", "b")) and not asyncio.run(check("cust", "c"))
+    for _ in range(3):
+        asyncio.run(check("ann", "wrong"))
+    started = time.monotonic()
+    assert not asyncio.run(check("ann", "wrong"))
+    assert time.monotonic() - started >= 0.2  # slowed down after repeated failures
+    tokens = ExpiringTokens(ttl_s=0.2)
+    tokens["t"] = "ann"
+    assert tokens.get("t") == "ann"
+    time.sleep(0.3)
+    assert tokens.get("t") is None and "t" not in tokens
+    browser = BrowserTokens(tmp_path / "browser.key")
+    token = browser.issue()
+    assert browser.valid(token) and not browser.valid(token[:-1] + "0") and not browser.valid("x")
+    assert BrowserTokens(tmp_path / "browser.key").valid(token)  # same key after a restart
+
+
+def test_auth_file_roles_and_a_malformed_line(tmp_path):
+    from chatapp.cli import add_common_flags, add_serve_flags, settings_from_args, serve
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser)
+    add_serve_flags(parser)
+    good = tmp_path / "users.txt"
+    good.write_text("# staff\nboss:pw:admin\nann:pw2:agent:Ann Smith\ncust:p:w:d\n")
+    settings = settings_from_args(parser.parse_args(["--auth-file", str(good), "--data-dir", str(tmp_path)]))
+    assert settings.ui.admins == ["boss"] and settings.ui.agents == ["ann"]
+    assert dict(settings.ui.auth)["cust"] == "p:w:d" and settings.ui.display_names["ann"] == "Ann Smith"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("boss:pw:admin\njust-a-name\n")
+    with pytest.raises(SystemExit, match=r"bad.txt:2"):
+        settings_from_args(parser.parse_args(["--auth-file", str(bad)]))
+    public = settings_from_args(parser.parse_args(["--host", "0.0.0.0", "--data-dir", str(tmp_path)]))
+    assert serve(public) == 2  # beyond localhost the console needs a staff login
+
+
+def test_agent_answer_is_learned_and_exported(settings: Settings, tmp_path: Path):
+    small_knowledge(settings, tmp_path)
+    bot = Bot.create(settings)
+    from chatapp.bot import Session
+
+    session = bot.open_conversation("conv-learn")
+    bot.inbox.add("conv-learn", "customer", "Do you ship to Mars?")
+    bot.inbox.add("conv-learn", "bot", "I'd rather not guess", meta={"handoff": "low_confidence", "message_id": "m"})
+    bot.request_handoff(session)
+    bot.inbox.claim("conv-learn", "ann", "Ann")
+    bot.agent_reply("conv-learn", "ann", "Not yet: we ship to Earth addresses only.")
+    bot.agent_reply("conv-learn", "ann", "Anything else?")  # only the answer to the question is learned
+    assert bot.prompts.find_curated("Do you ship to Mars?")["answer"] == "Not yet: we ship to Earth addresses only."
+    bot.feedback.flush()
+    records, _ = bot.feedback.export("sft")
+    learned = [r for r in records if r["meta"]["template"] == "agent"]
+    assert len(learned) == 1 and learned[0]["messages"][-1]["content"].startswith("Not yet")
+    assert isinstance(session, Session)
+    bot.feedback.close()
