@@ -176,3 +176,40 @@ def test_agent_answer_is_learned_and_exported(settings: Settings, tmp_path: Path
     assert len(learned) == 1 and learned[0]["messages"][-1]["content"].startswith("Not yet")
     assert isinstance(session, Session)
     bot.feedback.close()
+
+
+def test_operator_figures(tmp_path):
+    from chatapp.ui.staff.dashboard_tab import _operator_table
+
+    inbox = Inbox(tmp_path / "feedback.sqlite3")
+    for cid in ("contained", "helped", "queued"):
+        inbox.ensure(cid)
+        inbox.add(cid, "customer", "hello")
+    inbox.close_by_customer("contained")
+    inbox.rate_conversation("contained", 5)
+    inbox.request_person("helped", "user_request")
+    inbox._conn.execute("UPDATE conversations SET waiting_since = waiting_since - 4 WHERE conversation_id = 'helped'")
+    inbox.reply("helped", "ann", "Ann", "Here I am")
+    inbox.resolve("helped", "ann")
+    inbox.rate_conversation("helped", 3)
+    inbox.request_person("queued", "downvoted")
+    period = inbox.figures()["period"]
+    assert period["conversations"] == 3 and period["containment"] == pytest.approx(1 / 3)
+    assert period["handoff_rate"] == pytest.approx(2 / 3) and 4 <= period["first_reply_p95_s"] < 6
+    assert period["csat"] == 4.0 and period["csat_n"] == 2
+    table = _operator_table(inbox.figures())
+    assert "| **Period** | 3 | 33% | 67% | 4 s | 4 s | 4.0 / 5 (2) |" in table
+
+
+def test_widget_is_served_without_third_party_requests(served):
+    import re
+
+    bot, url = served
+    script = urllib.request.urlopen(url + "widget.js").read().decode()
+    assert "/widget/" in script and "iframe" in script
+    from chatapp.ui.server import widget_snippet
+
+    assert 'src="http://shop.example:7860/widget.js"' in widget_snippet("http://shop.example:7860/")
+    page = urllib.request.urlopen(url + "widget/").read().decode()
+    external = {u for u in re.findall(r'(?:src|href)=["\'](https?://[^"\']+)', page) if not u.startswith(url)}
+    assert not external, external

@@ -40,10 +40,12 @@ def feedback_records(settings: Settings, since: float | None = None) -> tuple[li
         if len(messages) < 2 or messages[-1].get("role") != "assistant" or messages[-2].get("role") != "user":
             continue
         meta = item.get("meta") or {}
+        # an agent's reply to a question the bot could not answer (chatapp/conversations.py logs it as template "agent")
+        source = "agent" if meta.get("template") == "agent" else meta.get("source", "answer")
         records.append({
-            "id": f"feedback-{meta.get('message_id', n)}-{meta.get('source', 'answer')}",
+            "id": f"feedback-{meta.get('message_id', n)}-{source}",
             "conversation": f"feedback:{meta.get('session_id') or meta.get('message_id') or n}",
-            "source": f"feedback-{meta.get('source', 'answer')}",
+            "source": f"feedback-{source}",
             "history": messages[:-2], "question": messages[-2]["content"], "answer": messages[-1]["content"],
             "hits": [], "gold": [], "created_at": meta.get("created_at"),
         })

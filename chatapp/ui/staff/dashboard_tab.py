@@ -67,6 +67,7 @@ def build(bot) -> None:
                              label="Most down-voted questions", elem_id="dashboard-downvoted")
     handoffs = gr.Dataframe(headers=HANDOFF_COLUMNS, datatype="str", interactive=False,
                             label="Handoffs to a person", elem_id="dashboard-handoffs")
+    operator = gr.Markdown(elem_id="dashboard-operator")
 
     with gr.Accordion("Export training data", open=False, elem_id="dashboard-export"):
         with gr.Row():
@@ -116,6 +117,13 @@ def build(bot) -> None:
     gr.on(triggers=None, fn=refresh, inputs=[period], outputs=outputs, api_name="dashboard_refresh")  # load + change
     refresh_btn.click(refresh, inputs=[period], outputs=outputs, api_name=False)
 
+    def operator_figures(period_value: str) -> str:
+        inbox = getattr(bot, "inbox", None)
+        return _operator_table(inbox.figures(_since(period_value) or 0.0)) if inbox is not None else ""
+
+    gr.on(triggers=None, fn=operator_figures, inputs=[period], outputs=[operator], api_name=False)
+    refresh_btn.click(operator_figures, inputs=[period], outputs=[operator], api_name=False)
+
     def export(fmt_value: str, since_text: str, raw_value: bool, request: gr.Request):
         if raw_value and not bot.is_admin(request):
             return None, NO_RAW
@@ -138,3 +146,23 @@ def build(bot) -> None:
         return str(path), f"{len(records):,} {fmt_value} records. {note}"
 
     export_btn.click(export, inputs=[fmt, since, raw], outputs=[export_file, export_note], api_name="dashboard_export")
+
+
+def _operator_table(figures: dict) -> str:
+    """Containment, handoff rate, time to the first human reply and satisfaction, per day and for the period."""
+    def pct(value):
+        return "–" if value is None else f"{value:.0%}"
+
+    def secs(value):
+        return "–" if value is None else f"{value:,.0f} s"
+
+    def row(label: str, f: dict) -> str:
+        csat = "–" if f["csat"] is None else f"{f['csat']:.1f} / 5 ({f['csat_n']})"
+        return (f"| {label} | {f['conversations']:,} | {pct(f['containment'])} | {pct(f['handoff_rate'])} | "
+                f"{secs(f['first_reply_p50_s'])} | {secs(f['first_reply_p95_s'])} | {csat} |")
+
+    lines = ["**Conversations and people**", "",
+             "| | Conversations | Containment (no person) | Handoff rate | First human reply p50 | p95 | Satisfaction |",
+             "|---|---|---|---|---|---|---|", row("**Period**", figures["period"])]
+    lines += [row(day, f) for day, f in sorted(figures["days"].items(), reverse=True)]
+    return "\n".join(lines)
