@@ -345,9 +345,9 @@ MODES = {  # how sessions arrive: (turns each, start spread s, pause between a s
 }
 
 
-def modes_for(sessions: int) -> list[str]:
+def modes_for(sessions: int, only: list[str] | None = None) -> list[str]:
     """One session chats alone (its median first-token time is the single-session figure); more arrive together."""
-    return ["alone"] if sessions == 1 else [mode for mode in MODES if mode != "alone"]
+    return ["alone"] if sessions == 1 else [mode for mode in MODES if mode != "alone" and (not only or mode in only)]
 
 
 def run_sessions(start_chat, questions: list[str], n: int, mode: str, seed: int) -> dict:
@@ -423,7 +423,7 @@ def section_concurrency(args) -> dict:
     results = []
     list(start_chat(QUESTIONS[0]))  # warm-up
     for n in args.sessions:
-        for mode in modes_for(n):
+        for mode in modes_for(n, args.modes):
             results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
             print(results[-1], flush=True)
     model.close()
@@ -502,7 +502,7 @@ def section_app(args) -> dict:
         # serving path has just computed (it would reuse all of it).
         list(start_chat("Hello, is anyone there?"))
         for n in args.sessions:
-            for mode in modes_for(n):
+            for mode in modes_for(n, args.modes):
                 clients[:] = [Client(url, verbose=False) for _ in range(n)]  # fresh sessions, no old history
                 results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
                 print(results[-1], flush=True)
@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.fast_weights: how the serving path re-encodes the GGUF")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the engines in the speed section")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 20])
+    parser.add_argument("--modes", nargs="+", choices=[m for m in MODES if m != "alone"],
+                        help="arrival modes for more than one session (default: all)")
     parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])
     parser.add_argument("--result", default="generation",
                         help="bench/results/<RESULT>.json to write (and, with --only, to keep other sections from)")

@@ -349,18 +349,18 @@ def test_names_cannot_escape_the_prompts_folder(prompts, settings, name):
 def test_save_history_diff_revert_activate(prompts, settings, embedder):
     shipped = prompts.text("support")
     assert [h["version"] for h in prompts.history("support")] == [1]
-    edited = shipped.replace("one to three short, friendly sentences", "one short, cheerful sentence")
+    edited = shipped.replace("Never invent prices, dates, discounts or policies.", "Never invent anything.")
     assert prompts.save("support", edited, "shorter answers", base_version=1) == 2
     assert prompts.save("support", edited, "no change") == 2  # identical text: no new version
     history = prompts.history("support")
     assert [(h["version"], h["message"]) for h in history] == [(1, "shipped default"), (2, "shorter answers")]
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", history[1]["time"])
     diff = prompts.diff("support", 1, 2)
-    assert "-  Answer in one to three short, friendly sentences." in diff
-    assert "+  Answer in one short, cheerful sentence." in diff
+    assert "-  customer with a person. Never invent prices, dates, discounts or policies." in diff
+    assert "+  customer with a person. Never invent anything." in diff
     # applies to the next render, same manager, no restart
     out = prompts.render(None, question="hi", history=[], hits=[])
-    assert out.version == 2 and "one short, cheerful sentence" in out.messages[0]["content"]
+    assert out.version == 2 and "Never invent anything." in out.messages[0]["content"]
     assert prompts.revert("support", 1) == 3 and prompts.text("support") == shipped
     assert prompts.history("support")[-1]["message"] == "revert to version 1"
     # the shipped file is never written; versions live under data_dir
