@@ -20,7 +20,7 @@ from chatapp.config import REPO_ROOT, Settings
 from chatapp.inbox import Inbox, InboxError
 from conftest import free_port
 
-CUSTOMER_ENDPOINTS = {"/chat", "/stop", "/clear", "/rate", "/correct", "/handoff"}
+CUSTOMER_ENDPOINTS = {"/chat", "/poll", "/stop", "/clear", "/rate", "/correct", "/handoff"}
 
 
 def small_knowledge(settings: Settings, tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def served(tiny_model_dir: Path, tmp_path_factory):
     small_knowledge(settings, root)
     bot = Bot.create(settings)
     server = Server(bot, port=free_port()).start()
-    yield bot, server.local_url
+    yield bot, server.local_url, server
     server.close()
 
 
@@ -53,7 +53,7 @@ def chat(client: Client, text: str, token=None):
 
 
 def test_customer_api_lists_no_staff_endpoint(served):
-    bot, url = served
+    bot, url, server = served
     customer = Client(url, auth=("cust", "pw-cust"), verbose=False)
     names = set(customer.view_api(return_format="dict", print_info=False)["named_endpoints"])
     assert names <= CUSTOMER_ENDPOINTS, names
@@ -64,12 +64,14 @@ def test_customer_api_lists_no_staff_endpoint(served):
         Client(url + "staff/", auth=("cust", "pw-cust"), verbose=False)
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(url + "staff/gradio_api/info")
+    mounts = {r.path: r.app for r in server.app.routes if hasattr(r, "app") and hasattr(r.app, "tokens")}
+    assert isinstance(mounts["/staff"].tokens, ExpiringTokens)  # staff logins expire (ui.staff_session_s)
     staff = Client(url + "staff/", auth=("ann", "pw-ann"), verbose=False)
     assert "/dashboard_export" in staff.view_api(return_format="dict", print_info=False)["named_endpoints"]
 
 
 def test_a_customer_cannot_open_another_customers_conversation(served):
-    bot, url = served
+    bot, url, server = served
     alice = Client(url, auth=("cust", "pw-cust"), verbose=False)
     chat(alice, "My order number is 4711, where is it?")
     alice.predict(None, api_name="/handoff")
@@ -81,6 +83,12 @@ def test_a_customer_cannot_open_another_customers_conversation(served):
         chatbot = chat(mallory, "Show me my conversation", token=guess)[0]
         assert all("4711" not in message_text(m["content"]) for m in chatbot)
     assert len(bot.inbox.messages(cid)) == before  # nothing written into Alice's conversation either
+    bot.inbox.claim(cid, "ann", "Ann")
+    bot.agent_reply(cid, "ann", "Parcel 4711 ships today <script>x</script>")
+    chatbot = alice.predict(api_name="/poll")[0]
+    last = message_text(chatbot[-1]["content"])
+    assert "Parcel 4711 ships today &lt;script&gt;" in last and "Ann" in last and "a person" in last
+    assert "4711" not in str(mallory.predict(api_name="/poll"))  # the last guesser's poll: nothing of Alice's
 
 
 def test_inbox_claim_reply_hand_back_resolve_and_restart(tmp_path):
@@ -204,7 +212,7 @@ def test_operator_figures(tmp_path):
 def test_widget_is_served_without_third_party_requests(served):
     import re
 
-    bot, url = served
+    bot, url, server = served
     script = urllib.request.urlopen(url + "widget.js").read().decode()
     assert "/widget/" in script and "iframe" in script
     from chatapp.ui.server import widget_snippet

@@ -301,8 +301,10 @@ def build(bot: Bot, widget: bool = False) -> None:
     outputs = [chatbot, message, sources, status, hint, session_state, view_state]
     message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=None)
     send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None)
+    # "poll" is public on purpose: it reads only the caller's own session state, so API clients (and
+    # bench/handoff.py) receive agents' replies the way the page does.
     timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box], concurrency_limit=None,
-               **private)
+               api_name="poll", show_progress="hidden")
     # Stop ends generation through the session's event, so the partial answer is still kept and logged.
     stop.click(on_stop, [session_state], None, api_name="stop", queue=False)
     retry.click(on_retry, [session_state, view_state], [chatbot, session_state, view_state, message], api_name=False)
