@@ -79,16 +79,16 @@ class Customer(threading.Thread):
     def run(self) -> None:
         rng = random.Random(self.n)
         threading.Thread(target=self.poll_loop, daemon=True).start()
-        time.sleep(rng.uniform(0, 3))
+        time.sleep(rng.uniform(0, self.args.pace[1]))  # arrivals spread out
         while not self.stop.is_set():
             if self.handed.is_set():
                 self.client.predict(f"(customer {self.n}) still there?", "auto", 0.3, 16, api_name="/chat")
             else:
-                phase = self.phase
+                phase = self.phase  # an answer counts for the phase it was asked in
                 ttft = first_token_s(self.client, rng.choice(QUESTIONS), self.args.max_tokens)
-                if ttft is not None and phase == self.phase:
+                if ttft is not None:
                     self.ttft.append((phase, ttft))
-            self.stop.wait(rng.uniform(2, 5))  # reading and typing
+            self.stop.wait(rng.uniform(*self.args.pace))  # reading and typing
 
     def poll_loop(self) -> None:
         while not self.stop.is_set():
@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=20)
     parser.add_argument("--handed", type=int, default=5, help="customers handed to an agent in the last phase")
-    parser.add_argument("--phase-s", type=float, default=45.0)
+    parser.add_argument("--phase-s", type=float, default=60.0)
+    parser.add_argument("--pace", type=float, nargs=2, default=[8.0, 20.0],
+                        help="seconds between a customer's messages (README's 'quick pace')")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--backend", default="llamacpp", choices=["llamacpp", "transformers"])
+    parser.add_argument("--threads", type=int, default=0, help="the app's CPU threads (default: all cores)")
     args = parser.parse_args(argv)
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-handoff-"))
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     port, log_path = free_port(), data_dir / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--data-dir", str(data_dir),
-               "--backend", args.backend, "--adapter", "none"]
+               "--backend", args.backend, "--adapter", "none"] + (["--threads", str(args.threads)] if args.threads else [])
     with open(log_path, "w") as log_file:
         app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     stop = threading.Event()
@@ -135,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         url = f"http://127.0.0.1:{port}/"
         customers = [Customer(url, n, stop, args) for n in range(args.customers)]
-        first_token_s(customers[0].client, "Hello, is anyone there?", 8)  # warm-up: index, first render
+        first_token_s(customers[0].client, "Hello, is anyone there?", 16)  # warm-up: index, first render
+        from gradio_client import Client
+
+        alone = [first_token_s(Client(url, verbose=False), q, args.max_tokens) for q in QUESTIONS[:5]]
+        alone = [t for t in alone if t is not None]
         for customer in customers:
             customer.start()
         phases: dict[str, dict] = {}
@@ -197,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "first_token_p95_s": pct(ttfts, 95), "load_avg_1_5_15": load[name]})
         delivered = [d for c in customers for d in c.delivered]
         result = {
-            "customers": args.customers, "handed_to_agent": args.handed, "backend": args.backend,
-            "max_new_tokens": args.max_tokens, "phases": phases,
+            "customers": args.customers, "pace_s": args.pace, "handed_to_agent": args.handed, "backend": args.backend,
+            "max_new_tokens": args.max_tokens, "threads": args.threads or "all cores",
+            "alone": {"answers": len(alone), "first_token_p50_s": pct(alone, 50), "first_token_max_s": pct(alone, 100)},
+            "phases": phases,
             "delivery": {"replies": len(delivered), "p50_s": pct(delivered, 50), "p95_s": pct(delivered, 95),
                          "max_s": round(max(delivered), 3) if delivered else None,
                          "mean_s": round(statistics.mean(delivered), 3) if delivered else None},

@@ -50,6 +50,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="users allowed to edit prompts and promote adapters (default: the first --auth user)")
     parser.add_argument("--agent", action="append", metavar="USER",
                         help="users who answer customers in the staff console's inbox (/staff)")
+    parser.add_argument("--support-hours", metavar="HOURS",
+                        help='when a person can be asked, e.g. "mon-fri 09:00-17:00" (default: always)')
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -90,6 +92,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     elif users and not settings.ui.admins and not roles:
         settings.ui.admins = [users[0][0]]
     settings.ui.admins += [u for u, r in roles.items() if r == "admin" and u not in settings.ui.admins]
+    if getattr(args, "support_hours", None) is not None:
+        settings.ui.support_hours = args.support_hours
+    try:
+        from chatapp.inbox import within_hours
+
+        within_hours(settings.ui.support_hours)
+    except (ValueError, IndexError):
+        raise SystemExit(f"support hours {settings.ui.support_hours!r}: expected e.g. 09:00-17:00 or "
+                         "mon-fri 09:00-17:00") from None
     settings.ui.agents = list(settings.ui.agents) + list(getattr(args, "agent", None) or []) + \
         [u for u, r in roles.items() if r == "agent"]
     return settings

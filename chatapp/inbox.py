@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -307,18 +308,21 @@ def _said(state: str) -> str:
             "with_agent": "taken by an agent"}[state]
 
 
+_DAYS = "mon tue wed thu fri sat sun".split()
+_HOURS = re.compile(r"^(?:(mon|tue|wed|thu|fri|sat|sun)(?:-(mon|tue|wed|thu|fri|sat|sun))?\s+)?"
+                    r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
 def within_hours(spec: str, now: dt.datetime | None = None) -> bool:
-    """`spec` like "09:00-17:00" or "mon-fri 09:00-17:00" ("" = always)."""
+    """`spec` like "09:00-17:00" or "mon-fri 09:00-17:00" ("" = always); anything else is a ValueError."""
     spec = spec.strip().lower()
     if not spec:
         return True
+    match = _HOURS.match(spec)
+    if not match:
+        raise ValueError(f"support hours {spec!r}: expected e.g. 09:00-17:00 or mon-fri 09:00-17:00")
+    first, last, h1, m1, h2, m2 = match.groups()
     now = now or dt.datetime.now()
-    days = "mon tue wed thu fri sat sun".split()
-    parts = spec.split()
-    if len(parts) == 2:
-        first, _, last = parts[0].partition("-")
-        allowed = days[days.index(first):days.index(last or first) + 1]
-        if days[now.weekday()] not in allowed:
-            return False
-    start, _, end = parts[-1].partition("-")
-    return start <= now.strftime("%H:%M") < end
+    if first and _DAYS[now.weekday()] not in _DAYS[_DAYS.index(first):_DAYS.index(last or first) + 1]:
+        return False
+    return f"{h1}:{m1}" <= now.strftime("%H:%M") < f"{h2}:{m2}"

@@ -221,3 +221,31 @@ def test_widget_is_served_without_third_party_requests(served):
     page = urllib.request.urlopen(url + "widget/").read().decode()
     external = {u for u in re.findall(r'(?:src|href)=["\'](https?://[^"\']+)', page) if not u.startswith(url)}
     assert not external, external
+
+
+def test_no_promise_when_nobody_can_come(settings: Settings, tmp_path: Path):
+    import datetime as dt
+
+    small_knowledge(settings, tmp_path)
+    tomorrow = "mon tue wed thu fri sat sun".split()[(dt.datetime.now().weekday() + 1) % 7]
+    settings.ui.support_hours = f"{tomorrow} 00:00-24:00"
+    bot = Bot.create(settings)
+    try:
+        outside = bot.request_handoff(bot.open_conversation("after-hours"))
+        assert f"available {tomorrow} 00:00-24:00" in outside and "email address or phone number" in outside
+        settings.ui.support_hours = ""
+        nobody = bot.request_handoff(bot.open_conversation("no-agent"))
+        assert "Nobody from our support team is signed in" in nobody and "will reply" not in nobody
+        bot.inbox.seen("ann")
+        online = bot.request_handoff(bot.open_conversation("with-agent"))
+        assert "number 3 in the queue" in online  # the two earlier ones wait too, for a reply later
+    finally:
+        bot.feedback.close()
+    from chatapp.cli import settings_from_args, add_common_flags, add_serve_flags
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_common_flags(parser)
+    add_serve_flags(parser)
+    with pytest.raises(SystemExit, match="support hours"):
+        settings_from_args(parser.parse_args(["--support-hours", "9 to 5"]))

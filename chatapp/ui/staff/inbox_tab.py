@@ -7,6 +7,7 @@ Wiring only: the states and their rules are chatapp/inbox.py's, agent replies go
 from __future__ import annotations
 
 import html
+import socket
 import time
 from datetime import datetime
 
@@ -78,7 +79,8 @@ def build(bot) -> None:
             result = gr.Markdown("", elem_id="inbox-status")
     with gr.Accordion("Embed the chat on your site", open=False):
         gr.Markdown("Paste this into your shop's pages (it loads nothing from a third party):")
-        gr.Code(widget_snippet(f"http://{bot.settings.ui.host}:{bot.settings.ui.port}"), language="html",
+        host = bot.settings.ui.host if bot.settings.ui.host not in ("0.0.0.0", "::") else socket.getfqdn()
+        gr.Code(widget_snippet(f"http://{host}:{bot.settings.ui.port}"), language="html",
                 elem_id="widget-snippet", interactive=False)
 
     def agent_of(request: gr.Request | None) -> str:
