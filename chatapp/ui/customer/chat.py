@@ -303,7 +303,9 @@ def build(bot: Bot, widget: bool = False) -> None:
     send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None)
     # "poll" is public on purpose: it reads only the caller's own session state, so API clients (and
     # bench/handoff.py) receive agents' replies the way the page does.
-    timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box], concurrency_limit=None,
+    # queue=False: a poll is a plain request, not a queued job (20 pages' polls through the queue cost the bot's
+    # answers a lot of CPU: bench/handoff.py).
+    timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box], queue=False,
                api_name="poll", show_progress="hidden")
     # Stop ends generation through the session's event, so the partial answer is still kept and logged.
     stop.click(on_stop, [session_state], None, api_name="stop", queue=False)

@@ -156,7 +156,7 @@ def build(bot) -> None:
 
     private = dict(api_name=False, show_progress="hidden")
     outputs = [queue, picked, header, transcript, shown]
-    timer.tick(refresh, [picked, shown], outputs, concurrency_limit=None, **private)
+    timer.tick(refresh, [picked, shown], outputs, queue=False, **private)  # a plain request, not a queued job
     gr.on(triggers=None, fn=refresh, inputs=[picked, shown], outputs=outputs, **private)
     picked.change(redraw, [picked], outputs, **private)
     for button, action, clears in ((claim, do_claim, None), (send, do_send, reply), (hand_back, do_hand_back, note),
