@@ -179,9 +179,11 @@ def test_similarity_selection_picks_relevant_examples(prompts):
 
 
 def test_auto_mode_uses_examples_only_when_relevant(prompts):
-    relevant = prompts.render(None, question="Does the guesthouse have wifi?", history=[], hits=[])
+    assert prompts.render(None, question="Does the guesthouse have wifi?", history=[], hits=[]).mode == "zero_shot"
+    auto = prompts.text("support").replace("mode: zero_shot", "mode: auto")  # the default is zero-shot, as trained
+    relevant = prompts.preview(auto, question="Does the guesthouse have wifi?", history=[], hits=[], name="support")
     assert relevant.template == "support" and relevant.mode == "few_shot"
-    unrelated = prompts.render(None, question="Explain quantum chromodynamics to me", history=[], hits=[])
+    unrelated = prompts.preview(auto, question="Explain quantum chromodynamics to me", history=[], hits=[])
     assert unrelated.mode == "zero_shot" and unrelated.examples == []
     # forcing few-shot on a template without a bank falls back, and says so
     forced = prompts.render("support_zero_shot", question="wifi?", history=[], hits=[], mode="few_shot")
