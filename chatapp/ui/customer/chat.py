@@ -87,7 +87,7 @@ def build(bot: Bot, widget: bool = False) -> None:
     session_state = gr.State(None)
     view_state = gr.State(None)
     rated_id = gr.State(None)
-    timer = gr.Timer(1.0)
+    timer = gr.Timer(1.0, active=False)  # runs only while a person has (or is asked to take) the conversation
 
     status = gr.Markdown(bot.status(), elem_id="status", visible=not widget)
     with gr.Row():
@@ -165,6 +165,11 @@ def build(bot: Bot, widget: bool = False) -> None:
         return state.hint, gr.update(visible=state.offline), gr.update(visible=state.state == "resolved"
                                                                         and bool(state.hint))
 
+    def live(session: Session | None) -> gr.Timer:
+        """Poll while a person is involved; a conversation with the bot alone costs the server nothing."""
+        conversation = bot.inbox.get(session.session_id) if bot.inbox is not None and session is not None else None
+        return gr.Timer(active=conversation is not None and conversation.state in ("waiting", "with_agent"))
+
     def on_load(token, request: gr.Request):
         session, token = open_session(token, request)
         view = ChatView()
@@ -172,7 +177,7 @@ def build(bot: Bot, widget: bool = False) -> None:
             for item in bot.inbox.messages(session.session_id):
                 view.add(*format_message(item), item.meta.get("message_id"))
                 view.seen = item.id
-        return (token, session, view, view.messages, *boxes(session, view))
+        return (token, session, view, view.messages, *boxes(session, view), live(session))
 
     def respond(text: str, mode_: str, temperature_: float, max_tokens_: int, token=None, session: Session | None = None,
                 view: ChatView | None = None, request: gr.Request = None):
@@ -216,13 +221,13 @@ def build(bot: Bot, widget: bool = False) -> None:
     def on_tick(session: Session | None, view: ChatView | None):
         """The live part: an agent's reply (or a change of who has the conversation) within a second."""
         if session is None or view is None or view.busy or bot.inbox is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         before, hint_before = len(view.messages), view.hint
         catch_up(session, view)
         hint_text, contact_update, csat_update = boxes(session, view)
         if len(view.messages) == before and hint_text == hint_before:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return view.messages, hint_text, contact_update, csat_update
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return view.messages, hint_text, contact_update, csat_update, live(session)
 
     def on_stop(session: Session | None):
         if session is not None:
@@ -296,16 +301,18 @@ def build(bot: Bot, widget: bool = False) -> None:
 
     private = dict(api_name=False, show_progress="hidden")
     gr.on(triggers=None, fn=on_load, inputs=[browser], outputs=[browser, session_state, view_state, chatbot, hint,
-                                                                 contact_box, csat_box], **private)
+                                                                 contact_box, csat_box, timer], **private)
     inputs = [message, mode, temperature, max_tokens, browser, session_state, view_state]
     outputs = [chatbot, message, sources, status, hint, session_state, view_state]
-    message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=None)
-    send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None)
+    message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=None).then(
+        live, [session_state], [timer], api_name=False, queue=False)
+    send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None).then(
+        live, [session_state], [timer], api_name=False, queue=False)
     # "poll" is public on purpose: it reads only the caller's own session state, so API clients (and
     # bench/handoff.py) receive agents' replies the way the page does.
     # queue=False: a poll is a plain request, not a queued job (20 pages' polls through the queue cost the bot's
     # answers a lot of CPU: bench/handoff.py).
-    timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box], queue=False,
+    timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box, timer], queue=False,
                api_name="poll", show_progress="hidden")
     # Stop ends generation through the session's event, so the partial answer is still kept and logged.
     stop.click(on_stop, [session_state], None, api_name="stop", queue=False)
@@ -316,8 +323,9 @@ def build(bot: Bot, widget: bool = False) -> None:
     save_correction.click(on_correction, [rated_id, correction, reason], [correction_box, correction, reason, hint], api_name="correct")
     handoff_outputs = [chatbot, session_state, view_state, status, hint, contact_box, correction_box]
     handoff.click(handoff_for("user_request"), [browser, session_state, view_state], handoff_outputs,
-                  api_name="handoff")
-    ask_person.click(handoff_for("downvoted"), [browser, session_state, view_state], handoff_outputs, api_name=False)
+                  api_name="handoff").then(live, [session_state], [timer], api_name=False, queue=False)
+    ask_person.click(handoff_for("downvoted"), [browser, session_state, view_state], handoff_outputs,
+                     api_name=False).then(live, [session_state], [timer], api_name=False, queue=False)
     contact_send.click(on_contact, [session_state, view_state, contact, contact_text],
                        [chatbot, contact_box, hint, contact_text], api_name=False)
     end.click(on_end, [session_state, view_state], [hint, csat_box], api_name=False)
