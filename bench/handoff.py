@@ -1,10 +1,12 @@
 """The human handoff under load: 20 customers connected and chatting through the real app (launch.py in a
 subprocess, one gradio_client.Client per customer), in three phases of equal length:
 
-- no_poll:     customers chat with the bot; nobody polls (what the app cost before the live inbox);
-- poll:        every customer also polls /poll once a second, as the page's gr.Timer does;
-- poll+inbox:  the same, plus the staff console's Inbox tab open in a browser (Debian chromium, polling every
-               second), and HANDED of the customers handed to an agent, who replies to each every few seconds.
+- bot_only:       customers chat with the bot; nobody polls (what a page does now while no person is involved);
+- everyone_polls: every customer also polls /poll once a second (what an always-on 1 s gr.Timer would cost: the
+                  reason the page's timer runs only during a handoff);
+- handoff_live:   HANDED of the customers handed to an agent, who replies to each every few seconds; only they
+                  poll (as the page does), and the staff console's Inbox tab is open in a browser (Debian chromium,
+                  refreshing every second).
 
 Figures: the bot's first-token time (submit -> first streamed text, p50/p95, customers chatting with the bot) per
 phase, and agent-to-customer delivery (the agent's reply written -> it arrives in the customer's poll, p50/p95).
@@ -73,7 +75,7 @@ class Customer(threading.Thread):
         self.ttft: list[tuple[str, float]] = []  # (phase, seconds)
         self.delivered: list[float] = []
         self.expect: dict[str, float] = {}  # reply marker -> time it was written
-        self.phase = "no_poll"
+        self.phase = "bot_only"
         self.lock = threading.Lock()
 
     def run(self) -> None:
@@ -81,14 +83,24 @@ class Customer(threading.Thread):
         threading.Thread(target=self.poll_loop, daemon=True).start()
         time.sleep(rng.uniform(0, self.args.pace[1]))  # arrivals spread out
         while not self.stop.is_set():
-            if self.handed.is_set():
-                self.client.predict(f"(customer {self.n}) still there?", "auto", 0.3, 16, api_name="/chat")
+            if self.handed.is_set():  # a message to the agent; its answer shows what arrived meanwhile too
+                self.arrived(str(self.client.predict(f"(customer {self.n}) still there?", "auto", 0.3, 16,
+                                                     api_name="/chat")))
             else:
                 phase = self.phase  # an answer counts for the phase it was asked in
                 ttft = first_token_s(self.client, rng.choice(QUESTIONS), self.args.max_tokens)
                 if ttft is not None:
                     self.ttft.append((phase, ttft))
             self.stop.wait(rng.uniform(*self.args.pace))  # reading and typing
+
+    def arrived(self, text: str) -> None:
+        """Note the agent replies that `text` (what the customer's page got) contains."""
+        now = time.time()
+        with self.lock:
+            for marker, sent in list(self.expect.items()):
+                if marker in text:
+                    self.delivered.append(now - sent)
+                    del self.expect[marker]
 
     def poll_loop(self) -> None:
         while not self.stop.is_set():
@@ -100,12 +112,7 @@ class Customer(threading.Thread):
                 text = str(self.client.predict(api_name="/poll"))
             except Exception:
                 text = ""
-            now = time.time()
-            with self.lock:
-                for marker, sent in list(self.expect.items()):
-                    if marker in text:
-                        self.delivered.append(now - sent)
-                        del self.expect[marker]
+            self.arrived(text)
             self.stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))  # the page's gr.Timer(1.0)
 
 
@@ -156,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             load[name] = list(os.getloadavg())
             phases[name] = {"seconds": round(time.time() - started, 1)}
 
-        run_phase("no_poll")
+        run_phase("bot_only")
         for customer in customers:
             customer.polling.set()
-        run_phase("poll")
+        run_phase("everyone_polls")
+        for customer in customers[args.handed:]:
+            customer.polling.clear()
 
         from playwright.sync_api import sync_playwright
 
@@ -185,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                 while not stop.is_set():
                     for customer, cid in zip(handed, conversations):
                         k += 1
-                        marker = f"agent-reply-{k}"
+                        marker = f"agent-reply-{k}:"  # the colon: reply 1 is not found inside reply 10
                         with customer.lock:
                             customer.expect[marker] = time.time()
-                        inbox.reply(cid, "staff", "Staff", f"{marker}: thanks, let me check.")
+                        inbox.reply(cid, "staff", "Staff", f"{marker} thanks, let me check.")
                         stop.wait(rng.uniform(0.3, 0.8))
                     stop.wait(2)
 
             threading.Thread(target=agent, daemon=True).start()
-            run_phase("poll+inbox")
+            run_phase("handoff_live")
             stop.set()
             browser.close()
         for customer in customers:
