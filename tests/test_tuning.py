@@ -348,7 +348,9 @@ def test_gate_rejects_a_broken_candidate_and_accepts_a_fine_one(sane_model_dir, 
                       None, [], progress=False)
     assert not broken["passed"]
     failed = {c["check"] for c in broken["checks"] if not c["passed"]}
-    assert "golden ROUGE-L" in failed and "golden embedding cosine" in failed
+    # no shop questions here (no retriever): the behaviour checks catch it; ROUGE-L shows the drop as a figure
+    assert failed and failed <= {"stops within the token limit", "no degenerate repetition",
+                                 "does not refuse what it used to answer"}
     assert broken["scores"]["candidate"]["rouge_l"] < base["scores"]["candidate"]["rouge_l"] - 0.3
 
 
@@ -527,7 +529,7 @@ def test_end_to_end_on_the_real_model(smollm2_dir, tmp_path, golden_file):
     gen = GenerationSettings(max_new_tokens=12, temperature=0.0)
     before = "".join(running.stream(question, gen))
 
-    report = tune(settings, max_steps=3, progress=False)
+    report = tune(settings, max_steps=3, progress=False, install_shipped=False)  # from the base, not the shipped one
     assert report.status == "promoted", (report.message, report.gate.get("checks"))
     registry = AdapterRegistry(settings)
     active = registry.active()
