@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import RESULTS_DIR, free_port, message_text, random_lora, write_result  # noqa: E402
+from chatapp.benchutil import RESULTS_DIR, free_port, message_text, random_lora, start_app, write_result  # noqa: E402
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
@@ -469,14 +469,8 @@ def section_app(args) -> dict:
     config = data_dir / "bench.toml"
     config.write_text(f'[model]\nfast_weights = "{args.weights}"\n')
     command += ["--config", str(config)]
-    with open(log_path, "w") as log_file:
-        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    app = start_app(command, log_path, env, ROOT)
     try:
-        deadline = time.time() + 900
-        while "Chat app ready" not in log_path.read_text():
-            if app.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
         url = f"http://127.0.0.1:{port}/"
         clients: list = []
         local = threading.local()  # each session thread keeps one client = one browser session

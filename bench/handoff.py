@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatapp.benchutil import free_port, message_text, write_result  # noqa: E402
+from chatapp.benchutil import free_port, message_text, start_app, write_result  # noqa: E402
 from chatapp.config import Settings  # noqa: E402
 
 QUESTIONS = ["How do I return an item?", "Can I pay with a gift card?", "How long does shipping take?",
@@ -134,15 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--data-dir", str(data_dir),
                "--backend", args.backend, "--adapter", "none"] + (["--threads", str(args.threads)] if args.threads else [])
-    with open(log_path, "w") as log_file:
-        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    app = start_app(command, log_path, env, ROOT)
     stop = threading.Event()
     try:
-        deadline = time.time() + 900
-        while "Chat app ready" not in log_path.read_text():
-            if app.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
         url = f"http://127.0.0.1:{port}/"
         customers = [Customer(url, n, stop, args) for n in range(args.customers)]
         first_token_s(customers[0].client, "Hello, is anyone there?", 16)  # warm-up: index, first render

@@ -216,12 +216,10 @@ class ExtractiveAnswerer:
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `answers` under `chatapp eval`, creating `eval` unless another module already did."""
-    eval_parser = subparsers.choices.get("eval") or subparsers.add_parser("eval", help="measure quality")
-    targets = next((a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if targets is None:
-        targets = eval_parser.add_subparsers(dest="eval_target", required=True)
-    parser = targets.add_parser("answers", help="answer correctness of the whole bot on shop questions")
+    """Adds `answers` under `chatapp eval`."""
+    from chatapp.evaluate import eval_targets
+
+    parser = eval_targets(subparsers).add_parser("answers", help="answer correctness of the whole bot on shop questions")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"shop_qa JSONL (default {DEFAULT_DATA})")
     parser.add_argument("--model", default=argparse.SUPPRESS, help="model profile, .gguf file or HF folder")
     parser.add_argument("--adapter", default=argparse.SUPPRESS, help="adapter folder, registry version or 'none'")

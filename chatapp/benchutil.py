@@ -90,3 +90,19 @@ def random_lora(base_dir: Path, out: Path, *, seed: int = 0, std: float = 0.05, 
         return out
 
     return in_passing_thread(build)
+
+
+def start_app(command: list[str], log_path: Path, env: dict, cwd: Path, timeout_s: float = 900):
+    """launch.py in a subprocess, logging to `log_path`; returns the process once it says it is ready."""
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log_file:
+        app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    deadline = time.time() + timeout_s
+    while "Chat app ready" not in log_path.read_text():
+        if app.poll() is not None or time.time() > deadline:
+            app.kill()
+            raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+    return app

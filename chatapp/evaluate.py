@@ -438,12 +438,17 @@ def cmd_eval_retrieval(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(subparsers: argparse._SubParsersAction) -> None:
-    """Adds `retrieval` under `chatapp eval`, creating `eval` unless another module already did."""
+def eval_targets(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The subcommands of `chatapp eval`, creating `eval` unless another module already did (retrieval, answers and
+    gaps each add their own target)."""
     eval_parser = subparsers.choices.get("eval") or subparsers.add_parser("eval", help="measure quality")
     targets = next((a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if targets is None:
-        targets = eval_parser.add_subparsers(dest="eval_target", required=True)
+    return targets or eval_parser.add_subparsers(dest="eval_target", required=True)
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `retrieval` under `chatapp eval`."""
+    targets = eval_targets(subparsers)
     parser = targets.add_parser("retrieval", help="DSTC11 and BANKING77 R@k/MRR, CLINC150 handoff quality")
     parser.add_argument("--data", help=f"folder with dstc11_track5/, banking77/ and clinc150/ (default {DEFAULT_DATA})")
     parser.add_argument("--part", action="append", choices=["dstc11", "banking77", "clinc150", "shop"],

@@ -359,11 +359,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help=argparse.SUPPRESS)
     parser.set_defaults(func=cmd_gaps)
 
-    eval_parser = subparsers.choices.get("eval") or subparsers.add_parser("eval", help="measure quality")
-    targets = next((a for a in eval_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    if targets is None:
-        targets = eval_parser.add_subparsers(dest="eval_target", required=True)
-    target = targets.add_parser("gaps", help="BANKING77: topics, adjusted Rand index and purity against intents")
+    from chatapp.evaluate import eval_targets
+
+    target = eval_targets(subparsers).add_parser("gaps", help="BANKING77: topics, adjusted Rand index and purity against intents")
     target.add_argument("--data", default=str(BANKING77), help=f"folder with test.csv/train.csv (default {BANKING77})")
     target.add_argument("--split", choices=["test", "train"], default="test")
     target.add_argument("--threshold", type=float, default=THRESHOLD, help="cosine distance threshold")
