@@ -85,11 +85,11 @@ def collect(store, since: float | None = None, limit: int = MAX_QUESTIONS) -> li
         columns = {row[1] for row in conn.execute("PRAGMA table_info(turns)")}
         guard = "t.guard_replaced" if "guard_replaced" in columns else "0"
         rows = conn.execute(
-            f"SELECT t.message_id, t.user_message AS question, t.answer, t.created_at, t.handoff, t.retrieved, "
+            f"SELECT t.message_id, t.user_message AS question, t.answer, t.created_at, t.handoff, t.retrieved, t.template, "
             f"{guard} AS guard_replaced, r.rating, r.correction, "
             f"EXISTS(SELECT 1 FROM handoffs h WHERE h.message_id = t.message_id) AS asked "
             f"FROM turns t LEFT JOIN ratings r USING (message_id) WHERE t.created_at >= ? AND trim(t.user_message) != '' "
-            f"AND (t.handoff IS NOT NULL OR {guard} = 1 OR r.rating = -1 OR r.correction IS NOT NULL "
+            f"AND (t.handoff IS NOT NULL OR {guard} = 1 OR r.rating = -1 OR r.correction IS NOT NULL OR t.template = 'agent' "
             f"OR t.message_id IN (SELECT message_id FROM handoffs WHERE message_id IS NOT NULL)) "
             f"ORDER BY t.created_at DESC LIMIT ?", (since or 0.0, limit)).fetchall()
     out = []
@@ -97,13 +97,15 @@ def collect(store, since: float | None = None, limit: int = MAX_QUESTIONS) -> li
         reasons = [reason for reason, on in (
             (f"handoff: {r['handoff']}", r["handoff"]), ("asked for a person", r["asked"] and not r["handoff"]),
             ("guard replaced the answer", r["guard_replaced"]), ("thumbs down", r["rating"] == -1),
-            ("corrected", r["correction"])) if on]
+            ("corrected", r["correction"]), ("answered by a person", r["template"] == "agent")) if on]
+        by_agent = r["template"] == "agent"  # an agent's reply (chatapp/inbox.py logs it as a turn): the pre-fill
         try:
             retrieved = json.loads(r["retrieved"] or "[]")
         except json.JSONDecodeError:
             retrieved = []
         out.append({"message_id": r["message_id"], "question": r["question"].strip(), "answer": r["answer"],
-                    "created_at": r["created_at"], "reasons": reasons, "correction": r["correction"],
+                    "created_at": r["created_at"], "reasons": reasons,
+                    "correction": r["correction"] or (r["answer"] if by_agent else None),
                     "retrieved": [h for h in retrieved if isinstance(h, dict)]})
     return out
 
@@ -121,7 +123,7 @@ class Topic:
     questions: list[dict] = field(default_factory=list)  # newest first
     passages: list[tuple[str, int]] = field(default_factory=list)  # what the retriever found, most often first
     reasons: dict[str, int] = field(default_factory=dict)
-    suggestion: str = ""  # a correction a person wrote for one of its questions
+    suggestion: str = ""  # a correction or an agent's reply a person wrote for one of its questions
 
     @property
     def trend(self) -> str:

@@ -105,6 +105,22 @@ def test_collect_takes_handoffs_thumbs_down_corrections_and_guard(setup):
     assert ids["crypto0"] not in {g["message_id"] for g in collect(setup.store, since=time.time() - 7 * 86400)}
 
 
+def test_a_question_a_person_answered_is_a_gap_prefilled_with_the_agents_reply(setup):
+    """chatapp/conversations.py logs an agent's reply to a question the bot could not answer as a turn (template
+    "agent", rated up): it is a gap, and the reply pre-fills the topic's answer."""
+    from chatapp.feedback import TurnRecord, new_message_id
+
+    record = TurnRecord(new_message_id(), "conv-1", "Do you ship to Iceland?", "Yes, in 7-10 business days.",
+                        template="agent", model="agent:ann", user="ann")
+    setup.store.log_turn(record)
+    setup.store.rate(record.message_id, 1, reason="agent reply", user="ann")
+    setup.store.flush()
+    gap = {g["message_id"]: g for g in collect(setup.store)}[record.message_id]
+    assert gap["reasons"] == ["answered by a person"] and gap["correction"] == "Yes, in 7-10 business days."
+    topic = next(t for t in setup.finder.topics() if any(q["message_id"] == record.message_id for q in t.questions))
+    assert topic.suggestion == "Yes, in 7-10 business days."
+
+
 def test_topics_dismiss_merge_and_state_survives_a_restart(setup):
     topics = setup.finder.topics()
     crypto = next(t for t in topics if CRYPTO[1] in [q["question"] for q in t.questions])
