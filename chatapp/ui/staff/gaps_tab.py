@@ -79,7 +79,7 @@ def build(bot) -> None:
     details = gr.HTML(elem_id="gaps-details")
     with gr.Group():
         question = gr.Textbox(label="Question (as the FAQ entry will ask it)", elem_id="gaps-question")
-        answer = gr.Textbox(label="Answer (pre-filled from a correction when there is one)", lines=5,
+        answer = gr.Textbox(label="Answer (pre-filled from an agent's reply or a correction when there is one)", lines=5,
                             elem_id="gaps-answer")
         category = gr.Textbox(label="Category (optional)", elem_id="gaps-category")
         with gr.Row():
