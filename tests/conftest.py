@@ -30,6 +30,18 @@ def browser():
         browser.close()
 
 
+def serve_tab(title: str, tab, bot, auth=None):
+    """One staff tab alone in a Blocks on a free port, as its tests drive it: (demo, url)."""
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        with gr.Tab(title):
+            tab.build(bot)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, auth=auth, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
 def llama_cpp_or_skip():
     """llama_cpp, imported the serving path's way (libgomp's spin setting then holds in this process too), or the
     calling test module skipped when llama-cpp-python is not installed."""

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import gradio as gr
 import pytest
 from gradio_client import Client
 
 from chatapp.config import FeedbackSettings, Settings
 from chatapp.feedback import FeedbackStore, TurnRecord, new_message_id
 from chatapp.ui.staff import dashboard_tab
-from conftest import free_port
+from conftest import serve_tab
 
 XSS = "<img src=x onerror=\"window.__xss=1\"> <b>Where</b> is my refund?"
 
@@ -41,12 +40,7 @@ def serve(store: FeedbackStore, tmp_path: Path, auth=None):
         return not auth or getattr(request, "username", None) == "admin"
 
     bot = SimpleNamespace(feedback=store, settings=Settings(data_dir=tmp_path), is_admin=is_admin)
-    with gr.Blocks() as demo:
-        with gr.Tab("Dashboard"):
-            dashboard_tab.build(bot)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, auth=auth, quiet=True)
-    return demo, f"http://127.0.0.1:{port}/"
+    return serve_tab("Dashboard", dashboard_tab, bot, auth)
 
 
 @pytest.fixture

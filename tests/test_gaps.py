@@ -16,7 +16,7 @@ from chatapp.config import REPO_ROOT, FeedbackSettings, Settings
 from chatapp.feedback import FeedbackStore, TurnRecord, new_message_id
 from chatapp.gaps import GapError, GapFinder, _merged, collect, group, purity
 from chatapp.knowledge_edit import ANSWERS_FILE, KnowledgeEditor
-from conftest import free_port
+from conftest import serve_tab
 
 CRYPTO = ["Can I pay with bitcoin?", "Do you accept bitcoin as payment?", "Is paying in bitcoin possible?",
           "Can I use cryptocurrency like bitcoin to pay?"]
@@ -208,26 +208,19 @@ def test_cli_gaps_and_eval_gaps(setup, tmp_path, capsys):
     assert result["questions"] == 8 and result["intents"] == 3 and result["ari"] == 1.0
 
 
-def serve_tab(setup, auth=None):
-    import gradio as gr
-
+def serve_gaps(setup, auth=None):
     from chatapp.ui.staff import gaps_tab
 
     bot = SimpleNamespace(feedback=setup.store, retriever=setup.retriever, settings=setup.settings, problems={},
                           is_admin=lambda request=None: not auth or getattr(request, "username", None) == "admin")
-    with gr.Blocks() as demo:
-        with gr.Tab("Knowledge gaps"):
-            gaps_tab.build(bot)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, auth=auth, quiet=True)
-    return demo, f"http://127.0.0.1:{port}/"
+    return serve_tab("Knowledge gaps", gaps_tab, bot, auth)
 
 
 @pytest.mark.slow
 def test_only_admins_change_knowledge_over_the_api(setup):
     from gradio_client import Client
 
-    demo, url = serve_tab(setup, auth=[("admin", "pw"), ("agent", "pw")])
+    demo, url = serve_gaps(setup, auth=[("admin", "pw"), ("agent", "pw")])
     try:
         topic_id = setup.finder.topics()[0].topic_id
         agent = Client(url, auth=("agent", "pw"), verbose=False)
@@ -249,7 +242,7 @@ def test_only_admins_change_knowledge_over_the_api(setup):
 
 @pytest.mark.slow
 def test_write_the_answer_from_the_console(setup, browser):
-    demo, url = serve_tab(setup)
+    demo, url = serve_gaps(setup)
     page = browser.new_page()
     try:
         page.goto(url)
