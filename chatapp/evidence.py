@@ -8,6 +8,8 @@ So each hit is cut into units (a sentence, or a bullet with its lead-in), and un
   preferred when the customer is gold and pushed down when the customer said they are a guest; the same for an
   order's status (received / in transit / out for delivery / delivered). These are the two axes a shop's policies
   branch on; a knowledge base without them is ranked on meaning and words alone;
+- whether the customer states the unit's own condition ("If you have not paid the bill yet, ..." for "I haven't paid
+  it yet"): policies are written as conditionals, and the one whose condition was said is the one that applies;
 - the rank of the chunk it came from (retrieval already weighed the whole conversation).
 
 The units keep their article heading and source, so the answer can cite them and the guard can check against them.
@@ -25,6 +27,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+(?=[A-Z0-9\"'(*“])|(?<=[。�
 BULLET = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+")
 MARKUP = re.compile(r"\*\*|__|(?<!\w)[*_](?=\w)|(?<=\w)[*_](?!\w)|`")
 WORD = re.compile(r"[a-z0-9]+|[\u3400-\u9fff]")
+CONDITIONAL = re.compile(r"^(?:if|when|once|unless)\s+([^,:;]{3,120})[,:;]", re.I)
 STOP = frozenset(
     "a an the is are was were be been am do does did you your i me my we our us it its of to in on at for with and "
     "or but can could would will should may there this that have has had what how which who when where why if so as "
@@ -185,6 +188,10 @@ class EvidenceSelector:
             words = _words(f"{unit.heading} {unit.text}")
             overlap = len(qwords & words) / max(len(qwords), 1)
             score = meaning + 0.35 * overlap - 0.06 * chunk_rank[unit.parent]
+            clause = CONDITIONAL.match(unit.text)
+            if clause:  # "If you have not paid yet, ...": the customer who says so is asking about this unit
+                cwords = _words(clause.group(1))
+                score += 0.3 * len(cwords & _words(said)) / max(len(cwords), 1)
             stated = conditions(f"{unit.text}")
             for axis, values in stated.items():
                 if axis in customer:

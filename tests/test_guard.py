@@ -84,6 +84,25 @@ def test_selector_prefers_the_customers_own_membership_level():
     assert selector.select("Can I get more time to pay?", history, [hit])[0].text.startswith("Gold")
 
 
+def test_selector_prefers_the_unit_whose_condition_the_customer_states():
+    from chatapp.retrieval import Hit
+
+    hit = Hit("kb.md#4", "kb.md", "Subscription › Billing",
+              "If you were overcharged, we refund the difference on your bill. If you have not paid yet, we correct "
+              "the amount.", 1.0, "doc")
+    selector = EvidenceSelector(embedder=None)  # the same word overlap for both units: only the condition differs
+    question = "Is the difference on my bill refunded?"
+    assert selector.select(f"I have not paid yet. {question}", [], [hit])[0].text.startswith("If you have not")
+    assert selector.select(f"I was overcharged. {question}", [], [hit])[0].text.startswith("If you were")
+
+
+def test_grounded_questions_state_a_units_condition_in_the_first_person():
+    from chatapp.seed_data.grounded import first_person
+
+    assert first_person("you have not paid the bill yet") == "I have not paid the bill yet"
+    assert first_person("your order is late and you're a gold member") == "My order is late and I'm a gold member"
+
+
 def test_extractive_answer_cites_its_heading():
     unit = Evidence("Gold members can always get an extension.", "Asking for more time to pay", "kb.md", "kb.md#3~1",
                     "kb.md#3")
