@@ -132,7 +132,8 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
 
 def serving_model(args, base_dir: Path, **options):
     """The project's serving path exactly as load_fast_model builds it (re-encoded weights, source GGUF for adapters)."""
-    from chatapp.fastgen import LlamaCppModel, base_gguf, serving_gguf
+    from chatapp.fastgen import LlamaCppModel
+    from chatapp.gguf_files import base_gguf, serving_gguf
 
     settings = Settings()
     source = base_gguf(settings)
@@ -195,7 +196,7 @@ def section_speed(args) -> dict:
     """Plain `Llama` vs the serving path on the same GGUF, alternated in one process."""
     from llama_cpp import Llama
 
-    from chatapp.fastgen import base_gguf, convert_peft_adapter
+    from chatapp.gguf_files import base_gguf, convert_peft_adapter
 
     base_dir, gguf_path = model_dir(), base_gguf(Settings())
     adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, Path(tempfile.mkdtemp()) / "adapter")
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.section:
         if args.section != "transformers":
-            from chatapp.fastgen import import_llama_cpp
+            from chatapp.gguf_files import import_llama_cpp
 
             import_llama_cpp()  # before any engine: plain Llama and the serving path share one libgomp setting
         result = globals()[f"section_{args.section}"](args)

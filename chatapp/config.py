@@ -26,7 +26,7 @@ class ModelSettings:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
     fast_sessions: int = 20  # llama.cpp backend: chats decoded together (more wait for a free slot)
     fast_context: int = 4096  # llama.cpp backend: tokens of context per chat (KV cache = sessions x context)
-    # llama.cpp backend: how the GGUF is re-encoded once (fastgen.serving_gguf has the speed/fidelity figures)
+    # llama.cpp backend: how the GGUF is re-encoded once (gguf_files.serving_gguf has the speed/fidelity figures)
     fast_weights: Literal["q4_0", "q4_k_m", "q8_0", "f16", "as-is"] = "q8_0"
     openai_base_url: str = "http://127.0.0.1:8080/v1"
     openai_model: str = "default"

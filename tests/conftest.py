@@ -46,7 +46,7 @@ def llama_cpp_or_skip():
     """llama_cpp, imported the serving path's way (libgomp's spin setting then holds in this process too), or the
     calling test module skipped when llama-cpp-python is not installed."""
     try:
-        from chatapp.fastgen import import_llama_cpp
+        from chatapp.gguf_files import import_llama_cpp
 
         return import_llama_cpp()
     except ImportError:

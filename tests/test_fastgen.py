@@ -21,12 +21,11 @@ pytestmark = pytest.mark.slow  # the real default model
 
 from chatapp.benchutil import random_lora  # noqa: E402
 from chatapp.config import REPO_ROOT, GenerationSettings, Settings  # noqa: E402
-from chatapp.fastgen import (  # noqa: E402
-    LlamaCppModel,
+from chatapp.fastgen import LlamaCppModel, load_fast_model  # noqa: E402
+from chatapp.gguf_files import (  # noqa: E402
     UnsupportedAdapter,
     base_gguf,
     convert_peft_adapter,
-    load_fast_model,
     merge_peft_adapter,
     serving_gguf,
 )

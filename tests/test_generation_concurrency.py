@@ -14,7 +14,8 @@ from conftest import llama_cpp_or_skip
 llama_cpp_or_skip()  # before any other llama.cpp user in this process
 
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
-from chatapp.fastgen import PREFILL_TOKENS_WHILE_DECODING, LlamaCppModel, base_gguf, serving_gguf  # noqa: E402
+from chatapp.fastgen import PREFILL_TOKENS_WHILE_DECODING, LlamaCppModel  # noqa: E402
+from chatapp.gguf_files import base_gguf, serving_gguf  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the real default model
 

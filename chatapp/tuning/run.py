@@ -309,7 +309,7 @@ def tune(settings: Settings, *, max_steps: int | None = None, examples: int | No
             shutil.rmtree(stale, ignore_errors=True)
         _prune_runs(settings, tuning.keep_runs)
         if gate["passed"] and promote:
-            from chatapp.fastgen import premerge_adapter
+            from chatapp.gguf_files import premerge_adapter
 
             premerge_adapter(settings, info.path)  # the fast path's weights ready before the app sees the promotion
             registry.promote(info.version, reason="gate passed")
