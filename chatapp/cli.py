@@ -19,7 +19,7 @@ from chatapp.config import Settings
 log = logging.getLogger("chatapp")
 
 # Modules that contribute subcommands; one that fails to import costs only its own commands.
-COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback", "chatapp.tuning.cli", "chatapp.adapters",
+COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback_cli", "chatapp.tuning.cli", "chatapp.adapters",
                    "chatapp.answer_eval", "chatapp.gaps"]
 
 
@@ -27,6 +27,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every command understands: where state lives and which model answers."""
     parser.add_argument("--config", help="TOML settings file (default: ./chatapp.toml if present)")
     parser.add_argument("--data-dir", help="runtime state: model cache, index, feedback database, adapters")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="shared database for several replicas, postgresql+psycopg://USER:PASS@HOST/DB "
+                             "(default: SQLite in the data directory)")
     parser.add_argument("--model", help="model profile (smollm2, qwen-coder-0.5b), a .gguf file or a HF model folder")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder, or 'none' (default: the registry's active one)")
     parser.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"])
@@ -64,8 +67,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "retrieval.knowledge_dir": args.knowledge_dir,
         "retrieval.embedder": args.embedder,
         "prompts.template": args.template,
+        "database_url": args.database_url,
     }
     settings = Settings.load(args.config, **overrides)
+    if settings.database_url:
+        from chatapp.storage import StorageError, resolve_url
+
+        try:
+            resolve_url(settings.database_url)
+        except StorageError as exc:
+            raise SystemExit(f"--database-url: {exc}") from None
     if args.data_dir:
         settings.data_dir = Path(args.data_dir).expanduser()
     if args.backend is None and args.openai_base_url:

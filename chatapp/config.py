@@ -164,6 +164,9 @@ class FeedbackSettings:
 @dataclass
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CHATAPP_DATA_DIR", REPO_ROOT / "var")))
+    # One database for conversations, feedback, inbox and shared state: "" = SQLite in data_dir (feedback_db), or
+    # postgresql+psycopg://USER:PASS@HOST/DB for several replicas sharing it (chatapp/storage).
+    database_url: str = field(default_factory=lambda: os.environ.get("CHATAPP_DATABASE_URL", ""))
     model: ModelSettings = field(default_factory=ModelSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
@@ -188,6 +191,11 @@ class Settings:
     @property
     def feedback_db(self) -> Path:
         return self.data_dir / "feedback.sqlite3"
+
+    @property
+    def database(self) -> str | Path:
+        """What chatapp/storage opens: the configured URL, else the SQLite file in the data directory."""
+        return self.database_url or self.feedback_db
 
     @property
     def adapters_dir(self) -> Path:

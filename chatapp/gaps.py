@@ -297,10 +297,10 @@ def cmd_gaps(settings: Settings, args: argparse.Namespace) -> int:
     from chatapp.feedback import FeedbackError, FeedbackStore
 
     since = _since(args.since)
-    if not settings.feedback_db.exists():
+    if not settings.database_url and not settings.feedback_db.exists():
         print(f"no feedback database at {settings.feedback_db} yet: nothing to group")
         return 0
-    store = FeedbackStore(settings.feedback_db, settings.feedback)
+    store = FeedbackStore.open(settings)
     try:
         finder = GapFinder(settings, store, load_embedder(settings.retrieval.embedder,
                                                           settings.retrieval.embed_threads))

@@ -1,20 +1,29 @@
 """Conversations a person takes over: states (bot -> waiting -> with_agent -> bot | resolved), every message of the
 transcript, claims, agent presence, and the operator figures.
 
-Stored in the feedback database (tables from the third migration in chatapp/feedback.py), so a restart loses nothing
-and `chatapp feedback` backups hold it too. Thread-safe: one connection behind a lock; state changes are single
-transactions, so two agents claiming at once get one winner. No UI code.
+Stored in the app's database (chatapp/storage: the feedback SQLite file, or the Postgres every replica shares), so a
+restart loses nothing, `chatapp feedback` backups hold it too, and an agent on one replica answers a customer on
+another. Thread-safe, and safe across processes: every state change is one transaction that reads the conversation
+with a row lock (Postgres) or under the write lock (SQLite BEGIN IMMEDIATE), so two agents claiming at once, on one
+replica or two, get one winner. Which agents are signed in is in the database too. No UI code.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import re
-import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database
+from chatapp.storage.schema import agent_presence, conversation_messages, conversations
 
 STATES = ("bot", "waiting", "with_agent", "resolved")
 OPEN = ("waiting", "with_agent")
@@ -64,75 +73,78 @@ _CONV_COLUMNS = [f for f in Conversation.__dataclass_fields__ if f != "last_mess
 
 
 class Inbox:
-    """The conversation store. Every method is safe to call from any thread."""
+    """The conversation store. Every method is safe to call from any thread (and any replica).
 
-    def __init__(self, db_path: Path, busy_timeout_s: float = 5.0, agent_seen_s: float = 30.0):
-        from chatapp.feedback import MIGRATIONS, SCHEMA_VERSION
+    ``target`` is the SQLite file (as before) or a database URL."""
 
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
-        self._conn.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+    def __init__(self, target: Path | str, busy_timeout_s: float = 5.0, agent_seen_s: float = 30.0):
         self.agent_seen_s = agent_seen_s
-        self._seen: dict[str, float] = {}
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version < SCHEMA_VERSION:  # the feedback store may not have opened the file yet
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                    for steps in MIGRATIONS[version:]:
-                        for statement in steps:
-                            self._conn.execute(statement)
-                    self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
+        self._lock = threading.RLock()  # in-process writers queue here instead of on the database's lock
+        self._seen_written: dict[str, float] = {}  # agent -> when this process last stored their presence
+        try:
+            self._db: Database = open_database(target, busy_timeout_s)
+            migrate(self._db)  # the feedback store may not have opened the database yet
+        except (*DB_ERRORS, StorageError) as exc:
+            where = str(target) if isinstance(target, Path) or "://" not in str(target) else "the database"
+            raise InboxError(describe_error(exc, where, busy_timeout_s, "Inbox database")) from exc
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One transaction holding the write lock (SQLite) for a read-check-write; in-process writers wait here."""
+        with self._lock, self._db.engine.begin() as conn:
+            yield conn
+
+    def _reading(self):
+        return self._db.reader.connect() if self._db.is_sqlite else self._db.engine.connect()
 
     # ---- reading --------------------------------------------------------------------------------------------------
 
     def get(self, conversation_id: str) -> Conversation | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM conversations WHERE conversation_id = ?",
-                                     (conversation_id,)).fetchone()
-            last = self._conn.execute(
-                "SELECT text FROM conversation_messages WHERE conversation_id = ? AND role != 'system' "
-                "ORDER BY id DESC LIMIT 1", (conversation_id,)).fetchone()
+        with self._reading() as conn:
+            return self._get(conn, conversation_id)
+
+    def _get(self, conn: Connection, conversation_id: str, for_update: bool = False) -> Conversation | None:
+        query = sa.select(conversations).where(conversations.c.conversation_id == conversation_id)
+        if for_update and not self._db.is_sqlite:
+            query = query.with_for_update()  # another replica's claim waits for this transaction
+        row = conn.execute(query).mappings().first()
         if row is None:
             return None
-        return Conversation(**{k: row[k] for k in _CONV_COLUMNS}, last_message=last["text"] if last else "")
+        m = conversation_messages
+        last = conn.execute(sa.select(m.c.text).where(m.c.conversation_id == conversation_id, m.c.role != "system")
+                            .order_by(m.c.id.desc()).limit(1)).scalar()
+        return Conversation(**{k: row[k] for k in _CONV_COLUMNS}, last_message=last or "")
 
     def messages(self, conversation_id: str, after: int = 0) -> list[Message]:
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM conversation_messages WHERE conversation_id = ? AND id > ? ORDER BY id",
-                (conversation_id, after)).fetchall()
+        m = conversation_messages
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(m).where(m.c.conversation_id == conversation_id, m.c.id > after)
+                                .order_by(m.c.id)).mappings().all()
         return [Message(r["id"], r["conversation_id"], r["role"], r["text"], r["author"] or "", r["created_at"],
                         json.loads(r["meta"] or "{}")) for r in rows]
 
     def open_conversations(self) -> list[Conversation]:
         """Waiting ones first, oldest first (the queue), then the ones agents have."""
-        with self._lock:
-            ids = [r[0] for r in self._conn.execute(
-                "SELECT conversation_id FROM conversations WHERE state IN ('waiting', 'with_agent') "
-                "ORDER BY state = 'with_agent', waiting_since, created_at")]
-        return [c for c in map(self.get, ids) if c is not None]
+        c = conversations
+        with self._reading() as conn:
+            ids = conn.execute(sa.select(c.c.conversation_id).where(c.c.state.in_(OPEN)).order_by(
+                sa.case((c.c.state == "with_agent", 1), else_=0), c.c.waiting_since, c.c.created_at)).scalars().all()
+            found = [self._get(conn, i) for i in ids]
+        return [x for x in found if x is not None]
 
     def queue_position(self, conversation_id: str) -> int | None:
         """1 for the next conversation an agent should take; None when it is not waiting."""
-        with self._lock:
-            row = self._conn.execute("SELECT state, waiting_since FROM conversations WHERE conversation_id = ?",
-                                     (conversation_id,)).fetchone()
-            if row is None or row["state"] != "waiting":
+        c = conversations
+        with self._reading() as conn:
+            row = conn.execute(sa.select(c.c.state, c.c.waiting_since)
+                               .where(c.c.conversation_id == conversation_id)).first()
+            if row is None or row.state != "waiting":
                 return None
-            ahead = self._conn.execute("SELECT count(*) FROM conversations WHERE state = 'waiting' AND "
-                                       "waiting_since < ?", (row["waiting_since"],)).fetchone()[0]
+            ahead = conn.execute(sa.select(sa.func.count()).where(
+                c.c.state == "waiting", c.c.waiting_since < row.waiting_since)).scalar_one()
         return ahead + 1
 
     # ---- the customer's side --------------------------------------------------------------------------------------
@@ -140,106 +152,128 @@ class Inbox:
     def ensure(self, conversation_id: str, user: str | None = None) -> Conversation:
         """The conversation, created on first use; a logged-in customer only ever opens their own."""
         now = time.time()
-        with self._lock:
-            self._conn.execute("INSERT OR IGNORE INTO conversations (conversation_id, user, created_at, updated_at) "
-                               "VALUES (?, ?, ?, ?)", (conversation_id, user, now, now))
-            conversation = self.get(conversation_id)
+        with self._write() as conn:
+            conn.execute(self._db.insert(conversations).values(
+                conversation_id=conversation_id, user=user, created_at=now, updated_at=now)
+                .on_conflict_do_nothing(index_elements=[conversations.c.conversation_id]))
+            conversation = self._get(conn, conversation_id)
         assert conversation is not None
         if conversation.user and conversation.user != user:
             raise Forbidden("This conversation belongs to another account.")
         return conversation
 
     def add(self, conversation_id: str, role: str, text: str, author: str = "", meta: dict | None = None) -> Message:
+        with self._write() as conn:
+            return self._add(conn, conversation_id, role, text, author, meta)
+
+    def _add(self, conn: Connection, conversation_id: str, role: str, text: str, author: str = "",
+             meta: dict | None = None) -> Message:
         now = time.time()
-        with self._lock:
-            cur = self._conn.execute(
-                "INSERT INTO conversation_messages (conversation_id, role, text, author, created_at, meta) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (conversation_id, role, text, author, now, json.dumps(meta or {})))
-            self._conn.execute("UPDATE conversations SET updated_at = ? WHERE conversation_id = ?",
-                               (now, conversation_id))
-        return Message(cur.lastrowid, conversation_id, role, text, author, now, meta or {})
+        new_id = conn.execute(sa.insert(conversation_messages).values(
+            conversation_id=conversation_id, role=role, text=text, author=author, created_at=now,
+            meta=json.dumps(meta or {}))).inserted_primary_key[0]
+        self._update(conn, conversation_id, updated_at=now)
+        return Message(new_id, conversation_id, role, text, author, now, meta or {})
+
+    @staticmethod
+    def _update(conn: Connection, conversation_id: str, *where, **values) -> None:
+        conn.execute(sa.update(conversations).where(conversations.c.conversation_id == conversation_id, *where)
+                     .values(**values))
 
     def request_person(self, conversation_id: str, reason: str, language: str = "en") -> Conversation:
         """Put the conversation in the queue (a second request keeps its place)."""
         now = time.time()
-        with self._lock:
-            self._conn.execute(
-                "UPDATE conversations SET state = 'waiting', reason = ?, language = ?, waiting_since = ?, "
-                "agent = NULL, agent_name = NULL, closed_at = NULL, updated_at = ? "
-                "WHERE conversation_id = ? AND state NOT IN ('waiting', 'with_agent')",
-                (reason, language, now, now, conversation_id))
-            conversation = self.get(conversation_id)
+        with self._write() as conn:
+            self._update(conn, conversation_id, conversations.c.state.not_in(OPEN), state="waiting", reason=reason,
+                         language=language, waiting_since=now, agent=None, agent_name=None, closed_at=None,
+                         updated_at=now)
+            conversation = self._get(conn, conversation_id)
         assert conversation is not None
         return conversation
 
     def leave_contact(self, conversation_id: str, contact: str, text: str) -> None:
-        with self._lock:
-            self._conn.execute("UPDATE conversations SET contact = ? WHERE conversation_id = ?",
-                               (contact, conversation_id))
-            self.add(conversation_id, "customer", text, meta={"contact": contact, "offline": True})
+        with self._write() as conn:
+            self._update(conn, conversation_id, contact=contact)
+            self._add(conn, conversation_id, "customer", text, meta={"contact": contact, "offline": True})
 
     def close_by_customer(self, conversation_id: str) -> None:
         """The customer ended the chat; a conversation no person touched counts as contained."""
         now = time.time()
-        with self._lock:
-            self._conn.execute("UPDATE conversations SET state = 'resolved', closed_at = ?, updated_at = ? "
-                               "WHERE conversation_id = ? AND state = 'bot'", (now, now, conversation_id))
+        with self._write() as conn:
+            self._update(conn, conversation_id, conversations.c.state == "bot", state="resolved", closed_at=now,
+                         updated_at=now)
 
     def rate_conversation(self, conversation_id: str, csat: int) -> None:
         if not 1 <= int(csat) <= 5:
             raise InboxError("A rating is 1 to 5.")
-        with self._lock:
-            self._conn.execute("UPDATE conversations SET csat = ? WHERE conversation_id = ?",
-                               (int(csat), conversation_id))
+        with self._write() as conn:
+            self._update(conn, conversation_id, csat=int(csat))
 
     def set_rating(self, message_id: str, rating: int) -> None:
         """Show the customer's 👍/👎 on the bot message in the agent's transcript."""
-        with self._lock:
-            self._conn.execute("UPDATE conversation_messages SET meta = json_set(meta, '$.rating', ?) "
-                               "WHERE role = 'bot' AND json_extract(meta, '$.message_id') = ?", (rating, message_id))
+        m = conversation_messages
+        with self._write() as conn:
+            # meta is JSON text on both engines: narrow with LIKE (message ids are hex), then check it exactly
+            rows = conn.execute(sa.select(m.c.id, m.c.meta).where(
+                m.c.role == "bot", m.c.meta.like(f"%{_like_escape(message_id)}%", escape="\\"))).all()
+            for row_id, meta_text in rows:
+                meta = json.loads(meta_text or "{}")
+                if meta.get("message_id") == message_id:
+                    meta["rating"] = rating
+                    conn.execute(sa.update(m).where(m.c.id == row_id).values(meta=json.dumps(meta)))
 
     # ---- the agent's side -----------------------------------------------------------------------------------------
 
     def seen(self, agent: str) -> None:
-        """An agent's console is open (it polls); agents seen lately count as signed in."""
+        """An agent's console is open (it polls); agents seen lately count as signed in, on every replica. Stored at
+        most every few seconds per agent (a poll a second must not cost a write a second)."""
+        now = time.time()
         with self._lock:
-            self._seen[agent] = time.monotonic()
+            if now - self._seen_written.get(agent, 0.0) < min(5.0, self.agent_seen_s / 3):
+                return
+            self._seen_written[agent] = now
+        with self._write() as conn:
+            stmt = self._db.insert(agent_presence).values(agent=agent, seen_at=now)
+            conn.execute(stmt.on_conflict_do_update(index_elements=[agent_presence.c.agent],
+                                                    set_={"seen_at": stmt.excluded.seen_at}))
 
     def agents_online(self) -> list[str]:
-        with self._lock:
-            now = time.monotonic()
-            return sorted(a for a, t in self._seen.items() if now - t <= self.agent_seen_s)
+        cutoff = time.time() - self.agent_seen_s
+        with self._reading() as conn:
+            return sorted(conn.execute(sa.select(agent_presence.c.agent)
+                                       .where(agent_presence.c.seen_at >= cutoff)).scalars())
 
     def claim(self, conversation_id: str, agent: str, name: str) -> Conversation:
-        with self._lock:
-            current = self._require(conversation_id)
-            if current.state == "with_agent" and current.agent != agent:
-                raise InboxError(f"{current.agent_name or current.agent} already has this conversation.")
-            if current.state not in OPEN:
-                raise InboxError(f"This conversation is {_said(current.state)}; there is nothing to claim.")
-            self._conn.execute("UPDATE conversations SET state = 'with_agent', agent = ?, agent_name = ?, "
-                               "updated_at = ? WHERE conversation_id = ?", (agent, name, time.time(), conversation_id))
-            if current.state == "waiting":
-                self.add(conversation_id, "system", f"{name} joined the conversation.")
-            return self._require(conversation_id)
+        with self._write() as conn:
+            return self._claim(conn, conversation_id, agent, name)
+
+    def _claim(self, conn: Connection, conversation_id: str, agent: str, name: str) -> Conversation:
+        current = self._require(conn, conversation_id)
+        if current.state == "with_agent" and current.agent != agent:
+            raise InboxError(f"{current.agent_name or current.agent} already has this conversation.")
+        if current.state not in OPEN:
+            raise InboxError(f"This conversation is {_said(current.state)}; there is nothing to claim.")
+        self._update(conn, conversation_id, state="with_agent", agent=agent, agent_name=name, updated_at=time.time())
+        if current.state == "waiting":
+            self._add(conn, conversation_id, "system", f"{name} joined the conversation.")
+        return self._require(conn, conversation_id)
 
     def reply(self, conversation_id: str, agent: str, name: str, text: str) -> Message:
         """An agent's message to the customer; refused unless this agent has the conversation."""
         text = (text or "").strip()
         if not text:
             raise InboxError("Write a reply first.")
-        with self._lock:
-            current = self._require(conversation_id)
+        with self._write() as conn:
+            current = self._require(conn, conversation_id)
             if current.state not in OPEN:
                 raise InboxError(f"Not sent: this conversation was already {_said(current.state)}.")
             if current.state == "waiting":
-                current = self.claim(conversation_id, agent, name)
+                current = self._claim(conn, conversation_id, agent, name)
             if current.agent != agent:
                 raise InboxError(f"Not sent: {current.agent_name or current.agent} has this conversation.")
             if current.first_human_at is None:
-                self._conn.execute("UPDATE conversations SET first_human_at = ? WHERE conversation_id = ?",
-                                   (time.time(), conversation_id))
-            return self.add(conversation_id, "agent", text, author=name, meta={"agent": agent})
+                self._update(conn, conversation_id, first_human_at=time.time())
+            return self._add(conn, conversation_id, "agent", text, author=name, meta={"agent": agent})
 
     def hand_back(self, conversation_id: str, agent: str, note: str = "") -> Conversation:
         return self._end(conversation_id, agent, "bot", note, "handed the conversation back to the bot")
@@ -248,22 +282,21 @@ class Inbox:
         return self._end(conversation_id, agent, "resolved", note, "marked the conversation resolved")
 
     def _end(self, conversation_id: str, agent: str, state: str, note: str, what: str) -> Conversation:
-        with self._lock:
-            current = self._require(conversation_id)
+        with self._write() as conn:
+            current = self._require(conn, conversation_id)
             if current.state not in OPEN:
                 raise InboxError(f"This conversation was already {_said(current.state)}.")
             if current.state == "with_agent" and current.agent != agent:
                 raise InboxError(f"{current.agent_name or current.agent} has this conversation.")
             now = time.time()
-            self._conn.execute("UPDATE conversations SET state = ?, note = ?, handed_at = ?, closed_at = ?, "
-                               "updated_at = ? WHERE conversation_id = ?",
-                               (state, note or None, now, now if state == "resolved" else None, now, conversation_id))
-            self.add(conversation_id, "system", f"{current.agent_name or agent} {what}.",
-                     meta={"note": note} if note else None)
-            return self._require(conversation_id)
+            self._update(conn, conversation_id, state=state, note=note or None, handed_at=now,
+                         closed_at=now if state == "resolved" else None, updated_at=now)
+            self._add(conn, conversation_id, "system", f"{current.agent_name or agent} {what}.",
+                      meta={"note": note} if note else None)
+            return self._require(conn, conversation_id)
 
-    def _require(self, conversation_id: str) -> Conversation:
-        conversation = self.get(conversation_id)
+    def _require(self, conn: Connection, conversation_id: str) -> Conversation:
+        conversation = self._get(conn, conversation_id, for_update=True)
         if conversation is None:
             raise InboxError("No such conversation.")
         return conversation
@@ -272,15 +305,19 @@ class Inbox:
 
     def figures(self, since: float = 0.0) -> dict:
         """Per day and for the period: containment, handoff rate, first human reply p50/p95 (s), satisfaction."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT c.created_at, c.waiting_since, c.first_human_at, c.csat FROM conversations c WHERE "
-                "c.created_at >= ? AND EXISTS (SELECT 1 FROM conversation_messages m WHERE "
-                "m.conversation_id = c.conversation_id AND m.role = 'customer')", (since,)).fetchall()
+        c, m = conversations, conversation_messages
+        has_customer = sa.exists().where(m.c.conversation_id == c.c.conversation_id, m.c.role == "customer")
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(c.c.created_at, c.c.waiting_since, c.c.first_human_at, c.c.csat)
+                                .where(c.c.created_at >= since, has_customer)).mappings().all()
         days: dict[str, list] = {}
         for row in rows:
             days.setdefault(dt.date.fromtimestamp(row["created_at"]).isoformat(), []).append(row)
         return {"period": _figures(rows), "days": {day: _figures(r) for day, r in sorted(days.items())}}
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _figures(rows: list) -> dict:

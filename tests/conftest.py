@@ -95,3 +95,38 @@ def settings(tmp_path: Path, tiny_model_dir: Path) -> Settings:
     settings.generation.max_new_tokens = 24
     settings.generation.temperature = 0.0
     return settings
+
+
+# ---- a real Postgres for the tests marked `postgres` -----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A temporary Postgres 15 cluster for the whole session (tests/pg.py), removed afterwards."""
+    from pg import PostgresCluster, postgres_bin
+
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.fail("Postgres is not installed: `make test` installs Debian's postgresql (apt-get install postgresql)")
+    cluster = PostgresCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_url(postgres):
+    """A fresh, empty database in the session's cluster, as a SQLAlchemy URL; dropped after the test."""
+    name = postgres.createdb()
+    try:
+        yield postgres.url(name)
+    finally:
+        postgres.dropdb(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_target(request, tmp_path):
+    """The same test on both engines: an SQLite file path, or a Postgres URL (a fresh database)."""
+    if request.param == "sqlite":
+        return tmp_path / "feedback.sqlite3"
+    return request.getfixturevalue("pg_url")

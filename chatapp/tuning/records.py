@@ -24,11 +24,11 @@ def _norm(text: str) -> str:
 
 def feedback_records(settings: Settings, since: float | None = None) -> tuple[list[dict], dict]:
     """Corrections and thumbs-up answers rated at or after `since` (epoch seconds), redacted, as records."""
-    if not Path(settings.feedback_db).is_file():
+    if not settings.database_url and not Path(settings.feedback_db).is_file():
         return [], {}
     from chatapp.feedback import FeedbackStore
 
-    store = FeedbackStore(settings.feedback_db, settings.feedback)
+    store = FeedbackStore.open(settings)
     try:
         exported, redacted = store.export("sft", since=dt.datetime.fromtimestamp(since) if since else None,
                                           redact=True)
