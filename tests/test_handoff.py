@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -203,7 +204,9 @@ def test_operator_figures(tmp_path):
     inbox.close_by_customer("contained")
     inbox.rate_conversation("contained", 5)
     inbox.request_person("helped", "user_request")
-    inbox._conn.execute("UPDATE conversations SET waiting_since = waiting_since - 4 WHERE conversation_id = 'helped'")
+    with sqlite3.connect(tmp_path / "feedback.sqlite3") as conn:
+        conn.execute("UPDATE conversations SET waiting_since = waiting_since - 4 WHERE conversation_id = 'helped'")
+    conn.close()
     inbox.reply("helped", "ann", "Ann", "Here I am")
     inbox.resolve("helped", "ann")
     inbox.rate_conversation("helped", 3)
