@@ -26,7 +26,9 @@ COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback_cli
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every command understands: where state lives and which model answers."""
     parser.add_argument("--config", help="TOML settings file (default: ./chatapp.toml if present)")
-    parser.add_argument("--data-dir", help="runtime state: model cache, index, feedback database, adapters")
+    # "--data" stays what it was before --database-url existed (an abbreviation of --data-dir)
+    parser.add_argument("--data-dir", "--data", dest="data_dir",
+                        help="runtime state: model cache, index, feedback database, adapters")
     parser.add_argument("--database-url", metavar="URL",
                         help="shared database for several replicas, postgresql+psycopg://USER:PASS@HOST/DB "
                              "(default: SQLite in the data directory)")

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection
 
 from chatapp.config import FeedbackSettings, Settings
 from chatapp.feedback_export import EXPORT_FORMATS, training_records, write_jsonl
-from chatapp.feedback_stats import dashboard_figures
+from chatapp.feedback_stats import dashboard_figures, unanswered_turns
 from chatapp.redact import Redactor
 from chatapp.storage import (
     DB_ERRORS,
@@ -280,6 +280,11 @@ class FeedbackStore:
         with self._read() as conn:
             figures = dashboard_figures(conn, since or 0.0)
         return {**figures, "unsaved": len(self._backlog), "health": self.health()}
+
+    def unanswered(self, since: float | None = None, limit: int = 5000) -> list[dict]:
+        """Turns the bot did not answer well, newest first (chatapp/gaps.py groups them into topics)."""
+        with self._read() as conn:
+            return unanswered_turns(conn, since or 0.0, limit)
 
     def export(
         self, fmt: str, since: datetime | None = None, redact: bool = True, meta: bool = True

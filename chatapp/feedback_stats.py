@@ -101,3 +101,19 @@ def _most_downvoted(rows) -> list[dict]:
     ranked = sorted((g for g in groups.values() if g["down"] > 0),
                     key=lambda g: (-g["down"], g["up"], -(g["last_down"] or 0)))
     return ranked[:10]
+
+
+def unanswered_turns(conn: Connection, since: float, limit: int) -> list[dict]:
+    """Turns the bot did not answer well (handed off, guard-replaced, down-voted, corrected, answered by an agent,
+    or followed by a request for a person), newest first: what chatapp/gaps.py groups into topics."""
+    t, r = turns, ratings
+    asked = sa.exists().where(handoffs.c.message_id == t.c.message_id)
+    query = (sa.select(t.c.message_id, t.c.user_message.label("question"), t.c.answer, t.c.created_at, t.c.handoff,
+                       t.c.retrieved, t.c.template, t.c.guard_replaced, r.c.rating, r.c.correction,
+                       asked.label("asked"))
+             .select_from(t.outerjoin(r, r.c.message_id == t.c.message_id))
+             .where(t.c.created_at >= since, sa.func.trim(t.c.user_message) != "",
+                    sa.or_(t.c.handoff.is_not(None), t.c.guard_replaced == 1, r.c.rating == -1,
+                           r.c.correction.is_not(None), t.c.template == "agent", asked))
+             .order_by(t.c.created_at.desc()).limit(limit))
+    return [dict(row) for row in conn.execute(query).mappings()]

@@ -81,17 +81,7 @@ def purity(truth: list[str], labels: np.ndarray) -> float:
 
 def collect(store, since: float | None = None, limit: int = MAX_QUESTIONS) -> list[dict]:
     """The turns the bot did not answer well since ``since`` (newest first), each with why."""
-    with store._read() as conn:
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(turns)")}
-        guard = "t.guard_replaced" if "guard_replaced" in columns else "0"
-        rows = conn.execute(
-            f"SELECT t.message_id, t.user_message AS question, t.answer, t.created_at, t.handoff, t.retrieved, t.template, "
-            f"{guard} AS guard_replaced, r.rating, r.correction, "
-            f"EXISTS(SELECT 1 FROM handoffs h WHERE h.message_id = t.message_id) AS asked "
-            f"FROM turns t LEFT JOIN ratings r USING (message_id) WHERE t.created_at >= ? AND trim(t.user_message) != '' "
-            f"AND (t.handoff IS NOT NULL OR {guard} = 1 OR r.rating = -1 OR r.correction IS NOT NULL OR t.template = 'agent' "
-            f"OR t.message_id IN (SELECT message_id FROM handoffs WHERE message_id IS NOT NULL)) "
-            f"ORDER BY t.created_at DESC LIMIT ?", (since or 0.0, limit)).fetchall()
+    rows = store.unanswered(since, limit)
     out = []
     for r in rows:
         reasons = [reason for reason, on in (

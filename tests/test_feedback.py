@@ -1,5 +1,6 @@
-"""Feedback log: durability (SIGKILL, 20 concurrent raters), failure modes (locked, read-only, corrupt), export
-formats as TRL reads them, redaction, stats, CLI. Everything runs on a real SQLite file under tmp_path."""
+"""Feedback log: durability (SIGKILL, 20 concurrent raters), failure modes (locked, read-only, corrupt or unreachable),
+export formats as TRL reads them, redaction, stats, CLI. Everything runs on a real SQLite file under tmp_path, and the
+durability and failure tests also on a real Postgres (a fresh database in the temporary cluster of tests/pg.py)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from chatapp.config import FeedbackSettings
 from chatapp.feedback import (
@@ -39,16 +42,34 @@ def turn(session: str = "s1", question: str = "Where is my parcel?", answer: str
     return TurnRecord(new_message_id(), session, question, answer, **kw)
 
 
+def make_store(target: Path | str, tmp_path: Path, settings: FeedbackSettings = FAST) -> FeedbackStore:
+    """A store on an SQLite file (spill next to it) or a Postgres URL (spill in tmp_path)."""
+    spill = None if isinstance(target, Path) else tmp_path / "feedback.spill.jsonl"
+    return FeedbackStore(target, settings, spill_path=spill)
+
+
 @pytest.fixture
-def store(tmp_path):
+def store(db_target, tmp_path):
+    s = make_store(db_target, tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = FeedbackStore(tmp_path / "feedback.sqlite3", FAST)
     yield s
     s.close()
 
 
-def db_rows(path: Path, sql: str, args=()) -> list[tuple]:
-    with sqlite3.connect(path) as conn:
-        return conn.execute(sql, args).fetchall()
+def db_rows(target: Path | str, sql: str, args: dict | None = None) -> list[tuple]:
+    """Rows from a connection of our own (not the store's), on either engine; parameters as :name."""
+    engine = sa.create_engine(f"sqlite:///{target}" if isinstance(target, Path) else target, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql), args or {})]
+    finally:
+        engine.dispose()
 
 
 # ---- basics ---------------------------------------------------------------------------------------------------------
@@ -81,13 +102,13 @@ def test_turn_is_logged_rated_changed_and_cleared(store):
     assert store.health() is None
 
 
-def test_huge_control_and_html_text_is_stored_exactly(store):
+def test_huge_control_and_html_text_is_stored_exactly(store, db_target, tmp_path):
     record = turn(question="<script>alert(1)</script>\x00\x1b[31m", history=[{"role": "user", "content": "\ud800 lone"}])
     store.log_turn(record)
     huge = ("<img src=x onerror=alert(1)>\x00\x07\u202e ünïcødé 🙂\r\n" * 60_000)  # ~2.4 MB
     store.rate(record.message_id, -1, correction=huge, reason="<b>bold</b>")
     store.close()
-    reopened = FeedbackStore(store.db_path, FAST)
+    reopened = make_store(db_target, tmp_path)
     try:
         got = reopened.turn(record.message_id)
         assert got["correction"] == huge and got["reason"] == "<b>bold</b>"
@@ -97,12 +118,18 @@ def test_huge_control_and_html_text_is_stored_exactly(store):
         reopened.close()
 
 
-def test_log_turn_never_waits_for_the_database(store, tmp_path):
-    """While another process holds the write lock, log_turn still returns at once; everything lands later."""
+def test_log_turn_never_waits_for_the_database(store, db_target):
+    """While another program holds the write lock, log_turn still returns at once; everything lands later."""
     store.log_turn(turn())
     store.flush()
-    blocker = sqlite3.connect(store.db_path, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
+    if isinstance(db_target, Path):
+        blocker = sqlite3.connect(db_target, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+    else:  # a DB browser or a migration holding the tables
+        import psycopg
+
+        blocker = psycopg.connect(db_target.replace("postgresql+psycopg", "postgresql"))
+        blocker.execute("LOCK TABLE turns, ratings IN ACCESS EXCLUSIVE MODE")
     try:
         ids, slowest = [], 0.0
         for _ in range(200):
@@ -120,16 +147,16 @@ def test_log_turn_never_waits_for_the_database(store, tmp_path):
         with pytest.raises(FeedbackUnavailable, match="locked"):
             store.rate(ids[0], 1)  # acknowledged = committed, so it must say it was not
     finally:
-        blocker.execute("ROLLBACK")
+        blocker.rollback() if not isinstance(blocker, sqlite3.Connection) else blocker.execute("ROLLBACK")
         blocker.close()
     store.flush()  # replays the spill file
     assert store.health() is None
-    assert db_rows(store.db_path, "SELECT count(*) FROM turns")[0][0] == 201
-    assert db_rows(store.db_path, "SELECT rating FROM ratings WHERE message_id = ?", (ids[0],)) == [(1,)]
+    assert db_rows(db_target, "SELECT count(*) FROM turns")[0][0] == 201
+    assert db_rows(db_target, "SELECT rating FROM ratings WHERE message_id = :m", {"m": ids[0]}) == [(1,)]
     assert not store.spill_path.exists()
 
 
-def test_twenty_concurrent_sessions_lose_nothing(store):
+def test_twenty_concurrent_sessions_lose_nothing(store, db_target):
     per_session = 40
     expected: dict[str, int] = {}
     lock = threading.Lock()
@@ -161,10 +188,10 @@ def test_twenty_concurrent_sessions_lose_nothing(store):
         t.join()
     assert not errors
     store.flush()
-    stored = dict(db_rows(store.db_path, "SELECT message_id, rating FROM ratings"))
+    stored = dict(db_rows(db_target, "SELECT message_id, rating FROM ratings"))
     assert stored == expected
-    assert db_rows(store.db_path, "SELECT count(*) FROM turns")[0][0] == 20 * per_session
-    assert db_rows(store.db_path, "SELECT count(*) FROM handoffs")[0][0] == 20 * 4
+    assert db_rows(db_target, "SELECT count(*) FROM turns")[0][0] == 20 * per_session
+    assert db_rows(db_target, "SELECT count(*) FROM handoffs")[0][0] == 20 * 4
     figures = store.stats()
     assert figures["rated"] == 800 and figures["up"] == sum(r == 1 for r in expected.values())
 
@@ -176,7 +203,9 @@ WRITER = textwrap.dedent("""
     from pathlib import Path
     from chatapp.config import FeedbackSettings
     from chatapp.feedback import FeedbackStore, TurnRecord
-    store = FeedbackStore(Path(sys.argv[1]), FeedbackSettings(busy_timeout_s=5))
+    target = sys.argv[1] if "://" in sys.argv[1] else Path(sys.argv[1])
+    spill = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    store = FeedbackStore(target, FeedbackSettings(busy_timeout_s=5), spill_path=spill)
     run, i = sys.argv[2], 0
     while True:
         mid = f"{run}-{i}"
@@ -188,13 +217,14 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_writes_loses_no_acknowledged_record(tmp_path):
-    db = tmp_path / "feedback.sqlite3"
+def test_sigkill_mid_writes_loses_no_acknowledged_record(db_target, tmp_path):
+    db = db_target
+    spill = [] if isinstance(db, Path) else [str(tmp_path / "feedback.spill.jsonl")]
     acknowledged: dict[str, int] = {}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rng = random.Random(5)
     for run in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), f"run{run}"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db), f"run{run}", *spill], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
         time.sleep(rng.uniform(0.05, 1.2))  # sometimes during start-up/migration, mostly mid-writes
         proc.kill()  # SIGKILL
@@ -205,14 +235,17 @@ def test_sigkill_mid_writes_loses_no_acknowledged_record(tmp_path):
             if len(parts) == 2:  # a line cut by the kill was not acknowledged
                 acknowledged[parts[0]] = int(parts[1])
     assert len(acknowledged) > 50, "the writer barely wrote; the test proves nothing"
-    with sqlite3.connect(db) as conn:  # opening runs WAL recovery
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        stored = dict(conn.execute("SELECT message_id, rating FROM ratings"))
-        turns = {m for (m,) in conn.execute("SELECT message_id FROM turns")}
+    if isinstance(db, Path):
+        with sqlite3.connect(db) as conn:  # opening runs WAL recovery
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    else:
+        assert db_rows(db, "SELECT version FROM chatapp_schema") == [(SCHEMA_VERSION,)]
+    stored = dict(db_rows(db, "SELECT message_id, rating FROM ratings"))
+    turns = {m for (m,) in db_rows(db, "SELECT message_id FROM turns")}
     missing = [m for m, r in acknowledged.items() if stored.get(m) != r or m not in turns]
     assert not missing, f"{len(missing)} acknowledged records lost, e.g. {missing[:3]}"
-    reopened = FeedbackStore(db, FAST)
+    reopened = make_store(db, tmp_path)
     try:
         reopened.flush()
         assert reopened.health() is None and reopened.stats()["turns"] >= len(acknowledged)
@@ -331,6 +364,117 @@ def test_schema_is_versioned_and_a_newer_schema_is_refused(tmp_path):
         newer.close()
 
 
+@pytest.mark.postgres
+def test_postgres_server_going_away_is_reported_chat_goes_on_and_nothing_is_lost(tmp_path):
+    """Postgres's counterpart of a corrupt file: the server stops (crash, restart, network). Chatting goes on, the
+    writes are spilled, and they are saved once it is back."""
+    from pg import PostgresCluster, postgres_bin
+
+    cluster = PostgresCluster(postgres_bin()).start()  # its own cluster: this test stops it
+    try:
+        url = cluster.url(cluster.createdb())
+        store = make_store(url, tmp_path)
+        try:
+            first = turn(question="before")
+            store.log_turn(first)
+            store.flush()
+            cluster.stop()
+            kept = [turn(question=f"q{i}") for i in range(5)]
+            for record in kept:
+                store.log_turn(record)  # must not raise
+            with pytest.raises(FeedbackUnavailable, match="cannot be reached"):
+                store.rate(kept[0].message_id, -1, correction="better")
+            assert "cannot be reached" in store.health() and "password" not in store.health()
+            with pytest.raises(FeedbackError, match="cannot be reached"):
+                store.stats()
+            assert store.turn(kept[1].message_id)["user_message"] == "q1"  # still answerable from memory
+            assert store.spill_path.exists()
+            cluster.restart_stopped()
+            deadline = time.time() + 15
+            while store.health() is not None and time.time() < deadline:
+                time.sleep(0.05)
+            assert store.health() is None
+            store.flush()
+            assert store.stats()["turns"] == 6
+            assert store.turn(kept[0].message_id)["correction"] == "better"
+            assert not store.spill_path.exists()
+        finally:
+            store.close()
+    finally:
+        cluster.remove()
+
+
+@pytest.mark.postgres
+def test_postgres_spill_survives_a_restart_until_the_database_exists(postgres, tmp_path):
+    name = "t_later_" + str(os.getpid())
+    url = postgres.url(name)  # not created yet: an operator's typo or a database still being provisioned
+    first = make_store(url, tmp_path)
+    try:
+        assert "does not exist" in first.health()
+        records = [turn(question=f"q{i}") for i in range(3)]
+        for record in records:
+            first.log_turn(record)
+        first.log_handoff("s1", records[0].message_id, "angry customer")
+        with pytest.raises(FeedbackUnavailable):
+            first.flush()
+    finally:
+        first.close()
+    postgres.sql(f"CREATE DATABASE {name}")
+    try:
+        second = make_store(url, tmp_path)
+        try:
+            second.flush()
+            figures = second.stats()
+            assert figures["turns"] == 3 and figures["handoffs_requested"] == 1
+        finally:
+            second.close()
+    finally:
+        postgres.dropdb(name)
+
+
+@pytest.mark.postgres
+def test_postgres_read_only_login_is_reported(postgres, pg_url, tmp_path):
+    """A database user that may only read (the Postgres form of a read-only file): reads work, writes spill."""
+    seed = make_store(pg_url, tmp_path / "seed")
+    seed.log_turn(TurnRecord("old-1", "s", "q", "a"))
+    seed.flush()
+    seed.close()
+    dbname = pg_url.rsplit("/", 1)[1]
+    role = f"ro_{dbname}"
+    postgres.sql(f"CREATE ROLE {role} LOGIN")
+    postgres.sql(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}", database=dbname)
+    try:
+        store = make_store(postgres.url(dbname, user=role), tmp_path)
+        try:
+            store.log_turn(TurnRecord("new-1", "s", "q", "a"))
+            with pytest.raises(FeedbackUnavailable) as refused:
+                store.rate("old-1", 1)
+            assert "read-only" in str(refused.value) and "spill" in str(refused.value)
+            assert "read-only" in store.health()
+            assert store.stats()["turns"] == 1  # reading still works
+            spilled = [json.loads(line) for line in store.spill_path.read_text().splitlines()]
+            assert {op["op"] for op in spilled} == {"turn", "rate"}
+        finally:
+            store.close()
+    finally:
+        postgres.sql(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}", database=dbname)
+        postgres.sql(f"DROP OWNED BY {role}", database=dbname)
+        postgres.sql(f"DROP ROLE {role}")
+
+
+@pytest.mark.postgres
+def test_postgres_newer_schema_is_refused(postgres, pg_url, tmp_path):
+    make_store(pg_url, tmp_path).close()
+    assert db_rows(pg_url, "SELECT version FROM chatapp_schema") == [(SCHEMA_VERSION,)]
+    postgres.sql(f"UPDATE chatapp_schema SET version = {SCHEMA_VERSION + 1}", database=pg_url.rsplit("/", 1)[1])
+    newer = make_store(pg_url, tmp_path)
+    try:
+        assert "newer version" in newer.health()
+        newer.log_turn(turn())  # still does not raise
+    finally:
+        newer.close()
+
+
 # ---- export -----------------------------------------------------------------------------------------------------
 
 def rated_store(store) -> dict[str, TurnRecord]:
@@ -436,7 +580,8 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def test_trl_reads_the_exported_files(store, tmp_path, smollm2_tokenizer):
+def test_trl_reads_the_exported_files(sqlite_store, tmp_path, smollm2_tokenizer):
+    store = sqlite_store
     """Load each file with `datasets` and run TRL's own chat-template step over every example."""
     from datasets import load_dataset
     from trl.data_utils import apply_chat_template, is_conversational
