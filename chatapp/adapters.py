@@ -1,4 +1,4 @@
-"""Adapter registry: one folder per LoRA version under `settings.adapters_dir`, and a registry file naming the active one.
+"""Adapter registry: one folder per LoRA version under `settings.adapters_dir`, and the database naming the active one.
 
     chatapp adapters list | show VERSION | promote VERSION | rollback
 
@@ -7,10 +7,13 @@ Why it is shaped like this:
   metadata.json (base model and its hash, data hash, template versions, hyperparameters, metrics, time), the gate
   report, the training log and loss curve, and the training records (the replay pool of the next re-tune). It is
   assembled in a temporary folder and renamed into place, so a killed writer never leaves half a version behind.
-- `registry.json` holds the active version and the stack of earlier active ones (what rollback returns to). It is
-  replaced atomically (write, fsync, rename) under a file lock, so readers always see the old or the new file and
-  two admins promoting at once cannot lose an update.
-- `active()` is called before every answer: it re-reads the file only when its mtime/size changed.
+- The registry state (the active version, the stack of earlier active ones that rollback returns to, the events) is
+  one row of the app's database (chatapp/storage, `app_state`), changed in one transaction under the database's
+  write lock (SQLite) or an advisory lock (Postgres): two admins promoting at once, on one replica or two, cannot
+  lose an update, and a promotion on one replica is what every replica serves at its next answer. With several
+  replicas, `adapters_dir` lies in the shared folder (`shared_dir`), so every replica can load every version.
+  A `registry.json` left by an older version is imported once.
+- `active()` is called before every answer: one small indexed read; the JSON is parsed only when it changed.
 """
 from __future__ import annotations
 
@@ -29,11 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import sqlalchemy as sa
+
 from chatapp.config import Settings
+from chatapp.storage import DB_ERRORS, StorageError, migrate, open_database
+from chatapp.storage.schema import app_state
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILE = "registry.json"
+REGISTRY_FILE = "registry.json"  # where versions before the database kept the state (imported once)
+STATE_KEY = "adapters.registry"
+_PG_LOCK = 0x61647074  # "adpt": registry writers on every replica queue on this advisory lock
 LOCK_FILE = ".registry.lock"
 VERSION_RE = re.compile(r"v\d{4,}")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json")
@@ -101,35 +110,45 @@ class AdapterRegistry:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.root = Path(settings.adapters_dir)
-        self._cache_key: tuple | None = None
-        self._cache_state: dict = {"active": None, "previous": []}
+        self._cache_raw: str | None = None
+        self._cache_state: dict = {"active": None, "previous": [], "events": []}
         self._metadata: dict[str, dict] = {}  # versions are immutable, so their metadata is cached forever
         self._read_lock = threading.Lock()
         self._missing_reported: str | None = None
+        self._db_reported: str | None = None
+        self._tx = threading.local()  # the transaction promote/rollback run in (state reads go through it)
+        try:
+            self._db = open_database(settings.database, settings.feedback.busy_timeout_s, pool_size=2, pooled_reads=True)
+            migrate(self._db)
+        except (*DB_ERRORS, StorageError) as exc:
+            raise AdapterError(f"adapter registry: the database cannot be used: {exc}") from exc
+        self._import_registry_file()
 
     # ---- reading
 
     @property
     def registry_path(self) -> Path:
+        """The file older versions kept the state in (read once, by `_import_registry_file`)."""
         return self.root / REGISTRY_FILE
 
     def _state(self) -> dict:
-        """The registry file's content, re-read only when it changed on disk."""
+        """The registry state from the database; inside promote/rollback, read in (and locked by) their transaction.
+        If the database cannot be read, the last state read is kept (answers go on with the adapter they had)."""
+        conn = getattr(self._tx, "conn", None)
+        query = sa.select(app_state.c.value).where(app_state.c.key == STATE_KEY)
+        if conn is not None:
+            return _parse_state(conn.execute(query).scalar())
         try:
-            stat = self.registry_path.stat()
-        except FileNotFoundError:
-            return {"active": None, "previous": [], "events": []}
-        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            with (self._db.reader if self._db.is_sqlite else self._db.engine).connect() as c:
+                raw = c.execute(query).scalar()
+        except DB_ERRORS as exc:
+            if self._db_reported != str(exc):
+                log.error("adapter registry unreadable (%s): keeping the last known active adapter", exc)
+                self._db_reported = str(exc)
+            return self._cache_state
         with self._read_lock:
-            if key != self._cache_key:
-                try:
-                    state = json.loads(self.registry_path.read_text(encoding="utf-8"))
-                except (OSError, ValueError) as exc:
-                    raise AdapterError(f"adapter registry {self.registry_path} is unreadable: {exc}") from exc
-                state.setdefault("active", None)
-                state.setdefault("previous", [])
-                state.setdefault("events", [])
-                self._cache_key, self._cache_state = key, state
+            if raw != self._cache_raw:
+                self._cache_raw, self._cache_state = raw, _parse_state(raw)
             return self._cache_state
 
     def get(self, version: str) -> AdapterInfo:
@@ -185,6 +204,7 @@ class AdapterRegistry:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """The version folders' lock (adding a version); the state has its own, `_registry_tx`."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / LOCK_FILE, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -193,19 +213,50 @@ class AdapterRegistry:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _registry_tx(self) -> Iterator[None]:
+        """One transaction holding the registry's write lock on every replica; `_fresh_state`/`_write_state` use it."""
+        try:
+            with self._db.engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE
+                if not self._db.is_sqlite:
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+                self._tx.conn = conn
+                try:
+                    yield
+                finally:
+                    self._tx.conn = None
+        except (*DB_ERRORS, StorageError) as exc:
+            raise AdapterError(f"adapter registry: the database cannot be written: {exc}") from exc
+
     def _write_state(self, state: dict) -> None:
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state["events"] = state.get("events", [])[-200:]
-        atomic_write_json(self.registry_path, state)
+        stmt = self._db.insert(app_state).values(key=STATE_KEY, value=json.dumps(state, default=str),
+                                                 updated_at=time.time())
+        self._tx.conn.execute(stmt.on_conflict_do_update(index_elements=[app_state.c.key], set_={
+            "value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at}))
 
     def _fresh_state(self) -> dict:
-        self._cache_key = None  # never trust the cache inside the lock: another process may have written
-        return json.loads(json.dumps(self._state()))
+        return json.loads(json.dumps(self._state()))  # read inside the transaction: never a stale cache
+
+    def _import_registry_file(self) -> None:
+        """A `registry.json` from before the database becomes its first state (once; the file is left as it was)."""
+        if not self.registry_path.is_file():
+            return
+        with self._registry_tx():
+            if self._tx.conn.execute(sa.select(app_state.c.key).where(app_state.c.key == STATE_KEY)).first():
+                return
+            try:
+                state = json.loads(self.registry_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise AdapterError(f"adapter registry {self.registry_path} is unreadable: {exc}") from exc
+            self._write_state(_parse_state(json.dumps(state)))
+            log.info("adapter registry: imported %s into the database", self.registry_path)
 
     def promote(self, version: str, *, user: str | None = None, reason: str = "") -> AdapterInfo:
         """Make `version` the active adapter (atomically); the one it replaces becomes the rollback target."""
         info = self.get(version)
-        with self._locked():
+        with self._registry_tx():
             state = self._fresh_state()
             current = state.get("active")
             if current == version:
@@ -220,7 +271,7 @@ class AdapterRegistry:
 
     def rollback(self, *, user: str | None = None, reason: str = "") -> AdapterInfo | None:
         """Go back to the previously active version (None = the base model). Versions deleted since are skipped."""
-        with self._locked():
+        with self._registry_tx():
             state = self._fresh_state()
             current = state.get("active")
             if current is None and not state.get("previous"):
@@ -280,12 +331,17 @@ class AdapterRegistry:
         trained_on = (metadata.get("base_model") or {}).get("sha256")
         if base_hash is None or trained_on != base_hash:
             return None
-        with self._locked():
+        with self._registry_tx():  # check, add and activate as one step: replicas starting together install it once
             state = self._fresh_state()
             if state.get("events") or any(self.root.glob("v*")):
                 return None
-        info = self.add(source, {**metadata, "created": metadata.get("created")})
-        self.promote(info.version, reason="shipped with the package")
+            info = self.add(source, {**metadata, "created": metadata.get("created")})
+            state["previous"] = (state.get("previous", []) + [None])[-50:]
+            state["active"] = info.version
+            state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "promote",
+                                    "version": info.version, "from": None, "user": None,
+                                    "reason": "shipped with the package"})
+            self._write_state(state)
         return info
 
     def cleanup_staging(self) -> int:
@@ -297,6 +353,15 @@ class AdapterRegistry:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def _parse_state(raw: str | None) -> dict:
+    state = json.loads(raw) if raw else {}
+    state = state if isinstance(state, dict) else {}
+    state.setdefault("active", None)
+    state.setdefault("previous", [])
+    state.setdefault("events", [])
+    return state
 
 
 def _alive(pid: int) -> bool:

@@ -146,6 +146,11 @@ class UISettings:
     bot_name: str = "Ava"
     company: str = "Acme Outfitters"
     stream_every_s: float = 0.05  # screen updates while an answer streams at most this often (each re-sends the chat)
+    # Per client address, on the customer endpoints (chatapp/ui/throttle.py): requests per second (0 = off), how many
+    # at once before that rate applies, and how many live requests (one per open chat page) it may hold open.
+    throttle_per_s: float = 5.0
+    throttle_burst: int = 60
+    throttle_live: int = 50
 
 
 @dataclass
@@ -167,6 +172,9 @@ class Settings:
     # One database for conversations, feedback, inbox and shared state: "" = SQLite in data_dir (feedback_db), or
     # postgresql+psycopg://USER:PASS@HOST/DB for several replicas sharing it (chatapp/storage).
     database_url: str = field(default_factory=lambda: os.environ.get("CHATAPP_DATABASE_URL", ""))
+    # Files every replica must see (adapter versions, prompt template versions): a folder all replicas mount.
+    # None = the data directory (one replica).
+    shared_dir: Path | None = field(default_factory=lambda: os.environ.get("CHATAPP_SHARED_DIR") or None)
     model: ModelSettings = field(default_factory=ModelSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
@@ -198,12 +206,17 @@ class Settings:
         return self.database_url or self.feedback_db
 
     @property
+    def shared(self) -> Path:
+        """Where the files every replica shares live: ``shared_dir``, else the data directory."""
+        return Path(self.shared_dir).expanduser() if self.shared_dir else self.data_dir
+
+    @property
     def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
+        return self.shared / "adapters"
 
     @property
     def prompt_versions_dir(self) -> Path:
-        return self.data_dir / "prompt_versions"
+        return self.shared / "prompt_versions"
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "Settings":

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 try:  # the Postgres driver; SQLite needs nothing
     import psycopg
@@ -115,8 +115,11 @@ class Database:
         return conn.begin_nested() if not self.is_sqlite else nullcontext()
 
 
-def open_database(target: str | Path, busy_timeout_s: float = 5.0, pool_size: int = 5) -> Database:
-    """Engines for ``target`` (a URL or an SQLite path). Nothing is connected yet: errors show at first use."""
+def open_database(target: str | Path, busy_timeout_s: float = 5.0, pool_size: int = 5,
+                  pooled_reads: bool = False) -> Database:
+    """Engines for ``target`` (a URL or an SQLite path). Nothing is connected yet: errors show at first use.
+    ``pooled_reads`` keeps SQLite read connections open (a read per answer, as the adapter registry does); without
+    it each read opens the file afresh, which the feedback store needs to notice a file moved aside."""
     url = resolve_url(target)
     if url.get_backend_name() == "sqlite":
         path = Path(url.database).expanduser()
@@ -134,7 +137,9 @@ def open_database(target: str | Path, busy_timeout_s: float = 5.0, pool_size: in
 
         # A fresh read connection per read, as before: a read-only connection must not outlive a file that is moved
         # aside (the corrupt-file recovery), and opening SQLite costs microseconds.
-        reader = sa.create_engine("sqlite://", creator=read_only, poolclass=NullPool)
+        reader = sa.create_engine("sqlite://", creator=read_only, poolclass=QueuePool, pool_size=pool_size,
+                                  max_overflow=20) \
+            if pooled_reads else sa.create_engine("sqlite://", creator=read_only, poolclass=NullPool)
         _sqlite_reader_events(reader)
         return Database(url.set(database=str(path)), engine, reader, busy_timeout_s)
     engine = sa.create_engine(url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True, connect_args={

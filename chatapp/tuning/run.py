@@ -12,7 +12,7 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,7 +91,11 @@ def training_threads(settings: Settings) -> int:
 
 @contextmanager
 def tune_lock(settings: Settings) -> Iterator[None]:
-    """One tune at a time per data directory; the lock dies with its process, so a killed run never blocks."""
+    """One tune at a time per data directory (a file lock) and across every replica of the database (a lock in
+    it, chatapp/storage/locks.py); both die with their process, so a killed run never blocks the next."""
+    from chatapp.storage import DB_ERRORS, StorageError, migrate, open_database
+    from chatapp.storage.locks import LockHeld, hold
+
     folder = tuning_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "tune.lock", "a+") as handle:
@@ -100,7 +104,20 @@ def tune_lock(settings: Settings) -> Iterator[None]:
         except BlockingIOError:
             raise TuningError(f"another tuning run is using {settings.data_dir} (see {folder / 'status.json'})") from None
         try:
-            yield
+            db = open_database(settings.database, settings.feedback.busy_timeout_s, pool_size=1)
+            held = ExitStack()
+            try:
+                migrate(db)
+                held.enter_context(hold(db, "tune"))
+            except LockHeld as exc:
+                db.dispose()
+                raise TuningError(f"another replica is tuning ({exc.owner}); this one skips it") from None
+            except (*DB_ERRORS, StorageError) as exc:
+                db.dispose()
+                raise TuningError(f"the tuning lock in the database cannot be taken: {exc}") from None
+            with held:
+                yield
+            db.dispose()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

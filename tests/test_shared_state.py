@@ -1,0 +1,155 @@
+"""What replicas share through the database, on both engines: the adapter registry's active version (a promotion or
+rollback on one replica is what the other serves next), the re-tune lock (one replica at a time, freed when its
+holder is killed), and a registry.json from before the database imported once."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatapp.adapters import AdapterRegistry
+from chatapp.config import Settings
+from chatapp.storage import migrate, open_database
+from chatapp.storage.locks import LockHeld, hold
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def replica(tmp_path: Path, name: str, db_target) -> Settings:
+    """One replica's settings: its own data dir, the shared folder and database."""
+    settings = Settings(data_dir=tmp_path / name)
+    settings.shared_dir = tmp_path / "shared"
+    settings.database_url = "" if isinstance(db_target, Path) else db_target
+    if isinstance(db_target, Path):  # SQLite: one machine, one file every process opens
+        settings.database_url = f"sqlite:///{db_target}"
+    return settings
+
+
+def fake_adapter(folder: Path) -> Path:
+    """The files the registry checks (it never loads the weights)."""
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_a_promotion_on_one_replica_is_served_by_the_other(tmp_path, db_target):
+    a = AdapterRegistry(replica(tmp_path, "a", db_target))
+    b = AdapterRegistry(replica(tmp_path, "b", db_target))
+    assert a.root == b.root == tmp_path / "shared" / "adapters"
+    source = fake_adapter(tmp_path / "src")
+    v1, v2 = a.add(source, {"note": 1}).version, b.add(source, {"note": 2}).version
+    assert (v1, v2) == ("v0001", "v0002") and [i.version for i in a.list()] == ["v0001", "v0002"]
+    assert b.active() is None
+    a.promote(v1, user="boss")
+    assert b.active().version == "v0001"  # at B's next answer, no restart
+    b.promote(v2)
+    assert a.active().version == "v0002"
+    a.rollback(reason="worse")
+    assert b.active().version == "v0001" and b.previous() == [None]
+    assert [e["action"] for e in b.history()] == ["promote", "promote", "rollback"]
+
+
+def test_concurrent_promotions_on_two_replicas_lose_no_event(tmp_path, db_target):
+    a = AdapterRegistry(replica(tmp_path, "a", db_target))
+    b = AdapterRegistry(replica(tmp_path, "b", db_target))
+    source = fake_adapter(tmp_path / "src")
+    versions = [a.add(source, {}).version for _ in range(3)]
+    start = threading.Barrier(4)
+
+    def promoter(registry: AdapterRegistry, n: int) -> None:
+        start.wait()
+        for i in range(10):
+            registry.promote(versions[(n + i) % 3], reason=f"{n}/{i}")
+
+    threads = [threading.Thread(target=promoter, args=(r, n)) for n, r in enumerate([a, b, a, b])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = a.history()
+    reasons = {e["reason"] for e in events}
+    # every promotion that changed the active version is recorded (one that found it already active is a no-op)
+    assert len(events) == len(reasons) and len(events) >= 10
+    assert b.active().version == events[-1]["version"]
+
+
+def test_an_older_registry_file_is_imported_once(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    source = fake_adapter(tmp_path / "src")
+    first = AdapterRegistry(settings)
+    first.add(source, {})
+    first.add(source, {})
+    # a data directory from before the database: the state was adapters/registry.json
+    (settings.adapters_dir / "registry.json").write_text(json.dumps(
+        {"active": "v0002", "previous": [None, "v0001"], "events": [{"action": "promote", "version": "v0002"}]}))
+    settings.database_url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"  # a database that never saw a state
+    registry = AdapterRegistry(settings)
+    assert registry.active().version == "v0002" and registry.previous() == [None, "v0001"]
+    registry.rollback()
+    assert AdapterRegistry(settings).active().version == "v0001"  # the file is not read again
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from chatapp.storage import migrate, open_database
+    from chatapp.storage.locks import hold
+    db = open_database(sys.argv[1])
+    migrate(db)
+    with hold(db, "tune", owner="replica-1", ttl_s=1.0):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_one_replica_tunes_at_a_time_and_a_killed_one_frees_the_lock(tmp_path, db_target):
+    target = str(db_target)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, target], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    db = open_database(db_target)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+        migrate(db)
+        with pytest.raises(LockHeld) as refused:
+            with hold(db, "tune", owner="replica-2"):
+                pass
+        assert refused.value.owner == "replica-1"
+        time.sleep(1.5)  # longer than the lease: the holder's heartbeat keeps it (SQLite)
+        with pytest.raises(LockHeld):
+            with hold(db, "tune", owner="replica-2"):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        deadline = time.time() + 10
+        while True:
+            try:
+                with hold(db, "tune", owner="replica-2"):
+                    break
+            except LockHeld:
+                assert time.time() < deadline, "a killed holder kept the lock"
+                time.sleep(0.2)
+        with hold(db, "other-job", owner="replica-2"):  # names are independent
+            pass
+    finally:
+        holder.kill()
+        db.dispose()
+
+
+def test_tune_lock_refuses_a_second_replica_with_a_clear_message(tmp_path, db_target):
+    from chatapp.tuning.records import TuningError
+    from chatapp.tuning.run import tune_lock
+
+    a, b = replica(tmp_path, "a", db_target), replica(tmp_path, "b", db_target)
+    with tune_lock(a):
+        with pytest.raises(TuningError, match="another replica is tuning"):
+            with tune_lock(b):
+                pass
+    with tune_lock(b):  # released
+        pass
