@@ -9,7 +9,8 @@ Why it is shaped like this:
   `settings.prompt_versions_dir`, written atomically under a file lock, with a conflict reported when the editor's
   base version is stale. Runtime state therefore never touches tracked files, and nothing is ever overwritten.
 - Example banks are JSONL (one example a line, easy to append to). Run-time additions (corrections) go into a copy
-  under data_dir and are picked up by the selectors on the next render.
+  in the app's database (chatapp/example_banks.py) and are picked up by the selectors on the next render, on every
+  replica.
 - `render` and `training_example` share one code path, so training data can never drift from inference prompts.
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ from langchain_core.prompts import ChatPromptTemplate, FewShotChatMessagePromptT
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from chatapp.config import Settings
+from chatapp.example_banks import BankStore, BankStoreError, revision_of
 
 if TYPE_CHECKING:
     from chatapp.embeddings import Embedder
@@ -506,7 +508,7 @@ class FixedExampleSelector(BaseExampleSelector):
 @dataclass
 class _Bank:
     name: str
-    path: Path
+    origin: str  # "database" or the shipped file
     signature: tuple
     examples: list[dict]
     store: InMemoryVectorStore | None = None
@@ -566,7 +568,8 @@ class PromptManager:
         self.settings = settings
         self.prompts_dir = Path(settings.prompts.prompts_dir)
         self.versions_dir = Path(settings.prompt_versions_dir)
-        self.banks_dir = Path(settings.data_dir) / "prompt_banks"
+        self.banks_dir = Path(settings.data_dir) / "prompt_banks"  # where banks were before the database (imported)
+        self._bank_store: BankStore | None = None
         self._embedder: CachedEmbeddings | None = CachedEmbeddings(embedder) if embedder is not None else None
         self._embedder_tried = embedder is not None
         self._lock = threading.RLock()
@@ -721,43 +724,76 @@ class PromptManager:
 
     # ---- example banks
 
-    def _bank_path(self, bank: str) -> Path:
-        """The run-time copy once the bank was edited or extended, else the shipped file."""
-        runtime = self.banks_dir / f"{check_name(bank, 'bank')}.jsonl"
-        return runtime if runtime.is_file() else self.prompts_dir / "examples" / f"{bank}.jsonl"
+    @property
+    def bank_store(self) -> BankStore:
+        """The run-time copies of the banks (opened on first use: templates load even if the database cannot)."""
+        with self._lock:
+            if self._bank_store is None:
+                self._bank_store = BankStore(self.settings.database, self.settings.feedback.busy_timeout_s,
+                                             legacy_dir=self.banks_dir)
+            return self._bank_store
+
+    def _shipped_bank(self, bank: str) -> Path:
+        return self.prompts_dir / "examples" / f"{check_name(bank, 'bank')}.jsonl"
+
+    def _shipped_text(self, bank: str) -> str:
+        path = self._shipped_bank(bank)
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
 
     def bank_exists(self, bank: str) -> bool:
-        return bool(NAME_RE.fullmatch(bank or "")) and self._bank_path(bank).is_file()
+        if not NAME_RE.fullmatch(bank or ""):
+            return False
+        return self._shipped_bank(bank).is_file() or self.bank_store.revision(bank) is not None
 
     def bank_names(self) -> list[str]:
-        found = {p.stem for p in (self.prompts_dir / "examples").glob("*.jsonl")}
-        found |= {p.stem for p in self.banks_dir.glob("*.jsonl")} if self.banks_dir.is_dir() else set()
+        found = {p.stem for p in (self.prompts_dir / "examples").glob("*.jsonl")} | set(self.bank_store.revisions())
         return sorted(n for n in found if NAME_RE.fullmatch(n))
 
     def bank_text(self, bank: str) -> tuple[str, str]:
         """The bank's JSONL and its revision (pass it back to save_bank to detect concurrent edits)."""
-        path = self._bank_path(bank)
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
-        return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+        runtime = self.bank_store.get(check_name(bank, "bank"))
+        if runtime is not None:
+            return runtime
+        text = self._shipped_text(bank)
+        return text, revision_of(text)
 
     def examples(self, bank: str) -> list[dict]:
         return list(self._bank(bank).examples)
 
     def _bank(self, bank: str) -> _Bank:
-        path = self._bank_path(bank)
+        """The bank as every replica has it now: its run-time copy in the database if it has one (one small read
+        per call; the text is read and parsed only when its revision changed), else the shipped file."""
+        with self._lock:
+            cached = self._banks.get(bank)
+        try:
+            revision = self.bank_store.revision(check_name(bank, "bank"))
+        except BankStoreError as exc:  # the database is down: answer with what was read last, or the shipped file
+            log.warning("prompts: %s", exc)
+            if cached is not None:
+                return cached
+            revision = None
+        if revision is not None:
+            if cached and cached.signature == ("db", revision):
+                return cached
+            runtime = self.bank_store.get(bank)
+            if runtime is not None:
+                return self._parsed(bank, "database", ("db", runtime[1]), runtime[0])
+        path = self._shipped_bank(bank)
         try:
             stat = path.stat()
         except FileNotFoundError:
             raise PromptError(f"unknown example bank {bank!r}") from None
         signature = (str(path), stat.st_mtime_ns, stat.st_size)
+        if cached and cached.signature == signature:
+            return cached
+        return self._parsed(bank, str(path), signature, path.read_text(encoding="utf-8"))
+
+    def _parsed(self, bank: str, origin: str, signature: tuple, text: str) -> _Bank:
+        examples, problems = parse_bank(text)
+        for problem in problems:
+            log.warning("prompts: bank %s: skipped %s", bank, problem)
         with self._lock:
-            cached = self._banks.get(bank)
-            if cached and cached.signature == signature:
-                return cached
-            examples, problems = parse_bank(path.read_text(encoding="utf-8"))
-            for problem in problems:
-                log.warning("prompts: bank %s: skipped %s", bank, problem)
-            self._banks[bank] = _Bank(bank, path, signature, examples)
+            self._banks[bank] = _Bank(bank, origin, signature, examples)
             return self._banks[bank]
 
     def _store(self, bank: _Bank) -> InMemoryVectorStore | None:
@@ -779,13 +815,18 @@ class PromptManager:
         _, problems = parse_bank(text)
         if problems:
             raise PromptError(f"example bank {bank!r} not saved", problems)
-        with self._lock, file_lock(self.banks_dir / f".{bank}.lock"):
-            current, revision = self.bank_text(bank)
-            if base_revision is not None and base_revision != revision and current != text:
+
+        def change(current: str | None) -> str:
+            current = self._shipped_text(bank) if current is None else current
+            if base_revision is not None and base_revision != revision_of(current) and current != text:
                 raise PromptError(f"example bank {bank!r} changed while you were editing (an example was added "
                                   "or someone saved); your text was not saved: reload and apply your edit again")
-            atomic_write(self.banks_dir / f"{bank}.jsonl", text if text.endswith("\n") or not text else text + "\n")
-        return self.bank_text(bank)[1]
+            return text if text.endswith("\n") or not text else text + "\n"
+
+        try:
+            return self.bank_store.update(bank, change)
+        except BankStoreError as exc:
+            raise PromptError(str(exc)) from None
 
     def add_example(self, question: str, answer: str, *, context: str = "", source: str = "feedback",
                     template: str | None = None, bank: str | None = None) -> str:
@@ -804,12 +845,16 @@ class PromptManager:
         example_id = f"{re.sub(r'[^A-Za-z0-9_-]', '', source)[:20] or 'ex'}-{uuid.uuid4().hex[:10]}"
         row = {"id": example_id, "question": question[:2000], "context": (context or "")[:2000],
                "answer": answer[:4000], "source": source, "curated": True, "time": _iso(time.time())}
-        with self._lock, file_lock(self.banks_dir / f".{bank}.lock"):
-            path = self._bank_path(bank)
-            current = path.read_text(encoding="utf-8") if path.is_file() else ""
+        def change(current: str | None) -> str:
+            current = self._shipped_text(bank) if current is None else current
             if current and not current.endswith("\n"):
                 current += "\n"
-            atomic_write(self.banks_dir / f"{bank}.jsonl", current + json.dumps(row, ensure_ascii=False) + "\n")
+            return current + json.dumps(row, ensure_ascii=False) + "\n"
+
+        try:
+            self.bank_store.update(bank, change)
+        except BankStoreError as exc:
+            raise PromptError(f"the example was not saved: {exc}") from None
         self._bank(bank)  # reload now, so the very next render sees it
         return example_id
 
@@ -817,10 +862,14 @@ class PromptManager:
         """The closest human-approved answer to a near-identical question, or None. The returned example carries
         `score` (cosine similarity; 1.0 for an exact match when no embedder is available)."""
         question = (question or "").strip()
-        if not question or not self.banks_dir.is_dir():
+        if not question:
             return None
-        curated = [e for b in sorted(self.banks_dir.glob("*.jsonl")) if NAME_RE.fullmatch(b.stem)
-                   for e in self._bank(b.stem).examples if e.get("curated")]
+        try:
+            runtime = sorted(b for b in self.bank_store.revisions() if NAME_RE.fullmatch(b))
+        except BankStoreError as exc:  # the database is down: no curated answer, the model answers
+            log.warning("prompts: %s", exc)
+            return None
+        curated = [e for b in runtime for e in self._bank(b).examples if e.get("curated")]
         if not curated:
             return None
         embedder = self.embedder

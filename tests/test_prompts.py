@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,9 +227,11 @@ def test_added_example_is_used_at_once_and_found_as_curated(prompts, settings, e
     assert new_id not in [e["id"] for e in before.examples]
     assert after.examples[0]["id"] == new_id
     assert "No, we accept credit cards" in after.messages[2]["content"]
-    # persisted under data_dir (the shipped file is untouched) and seen by a fresh manager
+    # persisted in the app's database (the shipped file is untouched) and seen by a fresh manager
     assert (REPO_ROOT / "prompts" / "examples" / "support.jsonl").read_text() == shipped_bank
-    assert new_id in (settings.data_dir / "prompt_banks" / "support.jsonl").read_text()
+    with sqlite3.connect(settings.feedback_db) as conn:
+        assert new_id in conn.execute("SELECT text FROM example_banks WHERE bank = 'support'").fetchone()[0]
+    conn.close()
     fresh = PromptManager(settings, embedder)
     found = fresh.find_curated("can i pay for my order with crypto currency?")
     assert found is not None and found["id"] == new_id and found["score"] >= 0.92

@@ -153,3 +153,55 @@ def test_tune_lock_refuses_a_second_replica_with_a_clear_message(tmp_path, db_ta
                 pass
     with tune_lock(b):  # released
         pass
+
+
+def test_a_correction_on_one_replica_is_in_the_others_next_render(tmp_path, db_target):
+    from chatapp.prompts import PromptManager, PromptError
+
+    a = PromptManager(replica(tmp_path, "a", db_target))
+    b = PromptManager(replica(tmp_path, "b", db_target))
+    question = "Can I pay for my order with cryptocurrency?"
+    before = {e["id"] for e in b.examples("support")}
+    new_id = a.add_example(question, "No, we accept credit cards, PayPal and gift cards.", source="correction")
+    assert new_id in {e["id"] for e in b.examples("support")} - before  # B's very next read, no restart
+    found = b.find_curated(question)
+    assert found is not None and found["id"] == new_id and found["score"] >= 0.92
+    rendered = b.render("support", question=question, history=[], hits=[], mode="few_shot")
+    assert new_id in [e["id"] for e in rendered.examples]
+
+    # two replicas adding at once: every example is kept (one locked transaction each)
+    start = threading.Barrier(2)
+    added: list[str] = []
+
+    def add_many(manager: PromptManager, n: int) -> None:
+        start.wait()
+        for i in range(10):
+            added.append(manager.add_example(f"question {n}/{i}?", f"answer {n}/{i}", source="agent"))
+
+    threads = [threading.Thread(target=add_many, args=(m, n)) for n, m in enumerate([a, b])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = {e["id"] for e in a.examples("support")}
+    assert set(added) <= ids and len(added) == 20
+
+    # an edit whose base is stale is refused on the other replica too
+    text, revision = a.bank_text("support")
+    b.add_example("one more?", "yes", source="agent")
+    with pytest.raises(PromptError, match="changed while you were editing"):
+        a.save_bank("support", text + "\n", base_revision=revision)
+
+
+def test_an_older_bank_folder_is_imported_once(tmp_path):
+    from chatapp.prompts import PromptManager
+
+    settings = Settings(data_dir=tmp_path / "data")
+    legacy = settings.data_dir / "prompt_banks"
+    legacy.mkdir(parents=True)
+    row = {"id": "feedback-1", "question": "Old question?", "answer": "Old answer.", "curated": True}
+    (legacy / "support.jsonl").write_text(json.dumps(row) + "\n")
+    prompts = PromptManager(settings)
+    assert [e["id"] for e in prompts.examples("support")] == ["feedback-1"]
+    (legacy / "support.jsonl").write_text("")  # the database is the copy now: the file is not read again
+    assert [e["id"] for e in PromptManager(settings).examples("support")] == ["feedback-1"]

@@ -129,7 +129,17 @@ def _v4_shared_state(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_feedback, _v2_guard, _v3_inbox, _v4_shared_state]
+def _v5_example_banks(conn: Connection) -> None:
+    """Example banks as edited or extended at run time (corrections, agent replies): every replica renders with them."""
+    md = sa.MetaData()
+    sa.Table("example_banks", md, sa.Column("bank", sa.Text, primary_key=True),
+             sa.Column("text", sa.Text, nullable=False), sa.Column("revision", sa.Text, nullable=False),
+             sa.Column("updated_at", sa.Double, nullable=False))
+    md.create_all(conn, checkfirst=False)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_feedback, _v2_guard, _v3_inbox, _v4_shared_state,
+                                                   _v5_example_banks]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

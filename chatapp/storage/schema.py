@@ -136,3 +136,13 @@ locks = sa.Table(
     sa.Column("owner", sa.Text, nullable=False),
     sa.Column("expires_at", sa.Double, nullable=False),
 )
+
+# The run-time copy of an example bank (JSONL text, as the shipped prompts/examples/*.jsonl): edited in the console,
+# extended by corrections and agent replies. The revision (a hash of the text) tells a replica its copy is stale.
+example_banks = sa.Table(
+    "example_banks", metadata,
+    sa.Column("bank", sa.Text, primary_key=True),
+    sa.Column("text", SafeText, nullable=False),
+    sa.Column("revision", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
