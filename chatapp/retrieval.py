@@ -104,6 +104,7 @@ class IngestReport:
     removed: list[str] = field(default_factory=list)
     unchanged: int = 0
     embedded_chunks: int = 0
+    shared_chunks: int = 0  # vectors another replica embedded, read from the database (chatapp/shared_index.py)
     total_chunks: int = 0
     rebuilt: str | None = None  # why everything was re-embedded, if it was
     warnings: list[str] = field(default_factory=list)
@@ -118,7 +119,8 @@ class IngestReport:
         if self.rebuilt:
             parts.append(f"rebuilt: {self.rebuilt}")
         parts.append(f"{len(self.added)} files added, {len(self.changed)} changed, {len(self.removed)} removed, "
-                     f"{self.unchanged} unchanged; {self.embedded_chunks} chunks embedded in {self.seconds:.1f} s")
+                     f"{self.unchanged} unchanged; {self.embedded_chunks} chunks embedded in {self.seconds:.1f} s"
+                     + (f" ({self.shared_chunks} more from the shared database)" if self.shared_chunks else ""))
         if self.warnings:
             parts.append(f"{len(self.warnings)} warnings")
         return "; ".join(parts)
@@ -536,8 +538,14 @@ def ingest(settings: Settings, embedder: Embedder, current: IndexData | None = N
             reuse.setdefault(tuple(current.records[i].views()), i)
     to_embed = [c for _, (_, items) in sorted(keep.items()) for c in items
                 if isinstance(c, Chunk) and tuple(c.views()) not in reuse]
-    new_vectors = _embed_views(embedder, to_embed, progress)
-    report.embedded_chunks = len(to_embed)
+    if settings.database_url:  # several replicas: embed only what none of them embedded before
+        from chatapp.shared_index import embed_shared
+
+        new_vectors, report.shared_chunks = embed_shared(settings, key, to_embed,
+                                                         lambda chunks: _embed_views(embedder, chunks, progress))
+    else:
+        new_vectors = _embed_views(embedder, to_embed, progress)
+    report.embedded_chunks = len(to_embed) - report.shared_chunks
     records: list[Chunk] = []
     pieces: list[np.ndarray] = []
     view_start = [0]

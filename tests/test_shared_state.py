@@ -205,3 +205,58 @@ def test_an_older_bank_folder_is_imported_once(tmp_path):
     assert [e["id"] for e in prompts.examples("support")] == ["feedback-1"]
     (legacy / "support.jsonl").write_text("")  # the database is the copy now: the file is not read again
     assert [e["id"] for e in PromptManager(settings).examples("support")] == ["feedback-1"]
+
+
+class CountingEmbedder:
+    """The real embedder, counting the passages this replica embeds (what the shared database should spare it)."""
+
+    def __init__(self, inner):
+        self.inner, self.passages = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_passages(self, texts):
+        self.passages += len(texts)
+        return self.inner.encode_passages(texts)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from chatapp.embeddings import load_embedder
+
+    return load_embedder("minilm")
+
+
+def test_replicas_build_the_same_index_from_the_databases_embeddings(tmp_path, db_target, minilm):
+    import shutil
+
+    from chatapp.config import REPO_ROOT
+    from chatapp.retrieval import Retriever
+
+    kb = tmp_path / "shared" / "knowledge"  # the knowledge folder every replica mounts
+    kb.mkdir(parents=True)
+    for name in ("refunds-and-returns.md", "shipping.md"):
+        shutil.copy(REPO_ROOT / "knowledge" / name, kb)
+    settings_a, settings_b = replica(tmp_path, "a", db_target), replica(tmp_path, "b", db_target)
+    for s in (settings_a, settings_b):
+        s.retrieval.knowledge_dir = kb
+    embed_a, embed_b = CountingEmbedder(minilm), CountingEmbedder(minilm)
+    a = Retriever.open(settings_a, embed_a)
+    assert a.last_report.embedded_chunks == len(a) > 5 and embed_a.passages > 0
+    b = Retriever.open(settings_b, embed_b)  # a new replica: its own index folder, nothing embedded
+    assert embed_b.passages == 0 and b.last_report.shared_chunks == len(b) == len(a)
+    question = "How long do I have to return an item?"
+    hits_a = [h.chunk_id for h in a.search(question).hits]
+    assert hits_a and [h.chunk_id for h in b.search(question).hits] == hits_a
+
+    # knowledge added on one replica reaches the other at its next refresh, still without embedding there
+    (kb / "gift-cards.md").write_text("# Gift cards\n\nGift cards never expire and can be used for any order, "
+                                      "including sale items. Lost gift cards can be replaced with the receipt.\n")
+    assert a.refresh().embedded_chunks >= 1
+    assert b.needs_refresh()
+    report = b.refresh()
+    assert report.added == ["gift-cards.md"] and report.embedded_chunks == 0 and report.shared_chunks >= 1
+    assert embed_b.passages == 0
+    top = b.search("Do gift cards expire?").hits[0]
+    assert top.source == "gift-cards.md"

@@ -138,8 +138,17 @@ def _v5_example_banks(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
+def _v6_chunk_embeddings(conn: Connection) -> None:
+    """Knowledge chunk vectors by embedding settings and text hash (chatapp/shared_index.py): replicas embed once."""
+    md = sa.MetaData()
+    sa.Table("chunk_embeddings", md, sa.Column("key", sa.Text, primary_key=True),
+             sa.Column("digest", sa.Text, primary_key=True), sa.Column("n_views", sa.Integer, nullable=False),
+             sa.Column("vectors", sa.LargeBinary, nullable=False), sa.Column("created_at", sa.Double, nullable=False))
+    md.create_all(conn, checkfirst=False)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1_feedback, _v2_guard, _v3_inbox, _v4_shared_state,
-                                                   _v5_example_banks]
+                                                   _v5_example_banks, _v6_chunk_embeddings]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

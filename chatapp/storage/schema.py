@@ -146,3 +146,13 @@ example_banks = sa.Table(
     sa.Column("revision", sa.Text, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
 )
+
+# Knowledge chunk vectors (float32 bytes, n_views x dim) by embedding configuration and hash of the embedded texts.
+chunk_embeddings = sa.Table(
+    "chunk_embeddings", metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("digest", sa.Text, primary_key=True),
+    sa.Column("n_views", sa.Integer, nullable=False),
+    sa.Column("vectors", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
