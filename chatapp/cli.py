@@ -32,6 +32,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", metavar="URL",
                         help="shared database for several replicas, postgresql+psycopg://USER:PASS@HOST/DB "
                              "(default: SQLite in the data directory)")
+    parser.add_argument("--shared-dir", metavar="DIR",
+                        help="folder every replica mounts: adapter versions, prompt versions, knowledge edits "
+                             "(default: the data directory)")
     parser.add_argument("--model", help="model profile (smollm2, qwen-coder-0.5b), a .gguf file or a HF model folder")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder, or 'none' (default: the registry's active one)")
     parser.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"])
@@ -70,6 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "retrieval.embedder": args.embedder,
         "prompts.template": args.template,
         "database_url": args.database_url,
+        "shared_dir": args.shared_dir,
     }
     settings = Settings.load(args.config, **overrides)
     if settings.database_url:

@@ -187,7 +187,7 @@ class GapFinder:
 
     def __init__(self, settings: Settings, store, embedder, retriever=None):
         self.settings, self.store, self.embedder, self.retriever = settings, store, embedder, retriever
-        self.state = GapState(settings.data_dir / "gaps" / "state.json")
+        self.state = GapState(settings.shared / "gaps" / "state.json")  # topics dismissed/merged for every replica
         self.knowledge = KnowledgeEditor(settings)
         self.threshold = THRESHOLD
         self._vectors: dict[str, np.ndarray] = {}

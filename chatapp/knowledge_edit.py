@@ -32,7 +32,7 @@ class KnowledgeEditor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.root = Path(settings.retrieval.knowledge_dir)
-        self.versions_dir = settings.data_dir / "knowledge_versions"
+        self.versions_dir = settings.shared / "knowledge_versions"  # every replica can undo any edit
         self._lock = threading.Lock()
 
     def path(self, rel: str) -> Path:
