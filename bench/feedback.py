@@ -1,11 +1,13 @@
 """Feedback log throughput: sustained writes/s with 1 and 20 concurrent writers (each iteration = log_turn + rate,
 rate waiting for its commit as the UI does), how long log_turn holds the caller (it must never block streaming),
-and export time for 100,000 rated turns in every format, redacted and raw.
+and export time for 100,000 rated turns in every format, redacted and raw. Then the same writes on Postgres with
+1 and 2 app processes (replicas) writing at once, 20 sessions each (a temporary Postgres 15 cluster from Debian's
+package, as the tests start it, or --postgres-url).
 
 Texts are real: BANKING77 customer questions and DSTC11 FAQ answers from shared/data, with personal data (emails,
 phones, cards, IBANs, addresses, order ids) mixed into 10% of questions so redaction has work to do.
 
-    .venv/bin/python bench/feedback.py [--seconds 5] [--records 100000]
+    .venv/bin/python bench/feedback.py [--seconds 5] [--records 100000] [--postgres-url URL | --no-postgres]
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import csv
 import json
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -132,14 +136,80 @@ def fill(store: FeedbackStore, records: int, texts) -> float:
     return time.perf_counter() - started
 
 
+def replica_writer(url: str, writers: int, seconds: float, start_at: float, spill: Path) -> dict:
+    """One app process's share of a multi-replica run: its own store on the shared database, started at start_at."""
+    texts = load_texts()
+    store = FeedbackStore(url, FeedbackSettings(), spill_path=spill)
+    store.flush()  # connected and migrated before the clock starts
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        return sustained(store, writers, seconds, texts)
+    finally:
+        store.close()
+
+
+def postgres_runs(url: str, seconds: float, tmp: Path) -> dict:
+    """Sustained writes on one Postgres from 1 and 2 processes (20 sessions each), and 1 process with 1 session."""
+    out: dict = {}
+    for processes, writers in ((1, 1), (1, 20), (2, 20)):
+        start_at = time.time() + 8  # every process imported and connected before the clock starts
+        procs = [subprocess.Popen([sys.executable, __file__, "--child", url, str(writers), str(seconds), str(start_at),
+                                   str(tmp / f"spill-{processes}-{writers}-{n}.jsonl")],
+                                  stdout=subprocess.PIPE, text=True) for n in range(processes)]
+        runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        turns = sum(r["turns_rated"] for r in runs)
+        elapsed = max(r["seconds"] for r in runs)
+        run = {"processes": processes, "writers_per_process": writers, "seconds": elapsed, "turns_rated": turns,
+               "turns_per_s": round(turns / elapsed, 1), "writes_per_s": round(2 * turns / elapsed, 1),
+               "per_process": runs}
+        out[f"postgres_{processes}_processes_{writers}_writers"] = run
+        print(f"postgres, {processes} process(es) x {writers:2d} writers: {run['turns_per_s']:8.1f} rated turns/s "
+              f"({run['writes_per_s']:.1f} writes/s); log_turn holds p99 "
+              f"{max(r['log_turn_hold_us_p99'] for r in runs)} us")
+    return out
+
+
+def temporary_postgres():
+    """A temporary Postgres cluster (tests/pg.py: initdb/pg_ctl as a non-root user, a free port), or None."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from pg import PostgresCluster, postgres_bin
+
+    bindir = postgres_bin()
+    return PostgresCluster(bindir).start() if bindir else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each sustained-write run")
     parser.add_argument("--records", type=int, default=100_000, help="rated turns in the export benchmark")
+    parser.add_argument("--postgres-url", default=None, help="an existing Postgres database to write to")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres runs")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite runs (and the export benchmark)")
+    parser.add_argument("--child", nargs=5, metavar=("URL", "WRITERS", "SECONDS", "START_AT", "SPILL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        url, writers, seconds, start_at, spill = args.child
+        print(json.dumps(replica_writer(url, int(writers), float(seconds), float(start_at), Path(spill))))
+        return
     texts = load_texts()
-    result: dict = {"settings": {"seconds": args.seconds, "records": args.records, "sqlite": "WAL, synchronous=FULL"}}
+    result: dict = {"settings": {"seconds": args.seconds, "records": args.records, "sqlite": "WAL, synchronous=FULL",
+                                 "postgres": "15, fsync on, synchronous_commit on (defaults), same machine over TCP"}}
     with tempfile.TemporaryDirectory(prefix="bench-feedback-") as tmp:
+        if not args.no_postgres:
+            cluster = None if args.postgres_url else temporary_postgres()
+            if args.postgres_url or cluster:
+                try:
+                    url = args.postgres_url or cluster.url(cluster.createdb())
+                    result.update(postgres_runs(url, args.seconds, Path(tmp)))
+                finally:
+                    if cluster:
+                        cluster.remove()
+            else:
+                print("Postgres runs skipped: no Postgres server programs (apt-get install postgresql)")
+        if args.no_sqlite:
+            write_result("feedback-postgres", result)
+            return
         for writers in (1, 20):
             store = FeedbackStore(Path(tmp) / f"writes{writers}.sqlite3", FeedbackSettings())
             result[f"sustained_{writers}_writers"] = run = sustained(store, writers, args.seconds, texts)
