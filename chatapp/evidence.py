@@ -189,9 +189,10 @@ class EvidenceSelector:
             overlap = len(qwords & words) / max(len(qwords), 1)
             score = meaning + 0.35 * overlap - 0.06 * chunk_rank[unit.parent]
             clause = CONDITIONAL.match(unit.text)
-            if clause:  # "If you have not paid yet, ...": the customer who says so is asking about this unit
+            if clause:  # "If you have not paid yet, ...": the customer who says so is asking about this unit; squared,
+                # because half a condition ("If you are unhappy with the status" for "my refund status") is not it
                 cwords = _words(clause.group(1))
-                score += 0.3 * len(cwords & _words(said)) / max(len(cwords), 1)
+                score += 0.3 * (len(cwords & _words(said)) / max(len(cwords), 1)) ** 2
             stated = conditions(f"{unit.text}")
             for axis, values in stated.items():
                 if axis in customer:
