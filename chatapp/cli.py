@@ -82,7 +82,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         try:
             resolve_url(settings.database_url)
         except StorageError as exc:
-            raise SystemExit(f"database URL (--database-url or database_url in the TOML file): {exc}") from None
+            raise SystemExit(f"{exc} (from --database-url or database_url in the TOML file)") from None
     if args.data_dir:
         settings.data_dir = Path(args.data_dir).expanduser()
     if args.backend is None and args.openai_base_url:
