@@ -32,6 +32,9 @@ NO_CHINESE_REPLY = (
     "抱歉，目前回答您的模型只能用英文作答，我没法用中文准确回答这个问题。我可以帮您解答订单、配送、退货退款、付款、"
     "会员和账户方面的问题：请用英文提问，或点击 **Talk to a person** 转接人工客服。"
 )
+# After the evidence quoted for an answer the model declined: the article may not be all the customer needs
+STILL_UNSURE = "If that does not answer your question, press **Talk to a person** and a member of our team will help."
+STILL_UNSURE_ZH = "如果这没有解答您的问题，请点击 **Talk to a person**，我们的同事会来帮您。"
 HANDOFF_REPLY_ZH = "这个问题我不想乱猜。需要为您转接我们的客服人员吗？请点击 **Talk to a person**，会有同事接手这段对话。"
 _CJK = re.compile(r"[\u3400-\u9fff]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -280,8 +283,9 @@ class Bot:
         template_gen = {k: v for k, v in rendered.generation.items() if k in known and generation.get(k) is None}
         gen = replace(gen, **template_gen)
         text, shown, first_token = "", "", None
-        guard = StreamGuard(self._references(evidence, hits, history, question)) if self.settings.answer.guard \
-            else None
+        guard = StreamGuard(self._references(evidence, hits, history, question),
+                            hold_declines=bool(evidence) and self.settings.answer.quote_when_declined) \
+            if self.settings.answer.guard else None
         meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id,
                     evidence=evidence)
         pieces = self.model.stream(rendered.messages, gen, session.stop)
@@ -291,8 +295,8 @@ class Bot:
                     first_token = time.perf_counter()
                 text += piece
                 visible = guard.feed(text) if guard is not None else text
-                if guard is not None and guard.failed:
-                    break  # an unsupported claim: stop generating, it is replaced below
+                if guard is not None and (guard.failed or guard.declined):
+                    break  # an unsupported claim, or a decline despite evidence: stop, it is replaced below
                 if visible != shown:
                     shown = visible
                     yield Reply(shown, notice=notice, **meta)
@@ -307,11 +311,12 @@ class Bot:
         if guard is not None:
             verdict = guard.finish(reply.text)
             reply.guard = verdict.to_dict()
-            if not verdict.supported:
-                reply.text, reply.guard["action"] = self.replacement(evidence, question)
+            if not verdict.supported or verdict.declined:
+                reply.text, reply.guard["action"] = self.replacement(evidence, question, declined=verdict.supported)
                 reply.guard["model_answer"] = text.strip()  # kept for the staff (gaps, inbox), never shown
                 reply.replaced = True
-                log.info("guard replaced answer %s: unsupported %s", message_id, verdict.unsupported)
+                log.info("guard replaced answer %s: %s", message_id,
+                         f"unsupported {verdict.unsupported}" if verdict.unsupported else "declined despite evidence")
         yield from self._finish(
             reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
             first_token=first_token,
@@ -325,12 +330,15 @@ class Bot:
         texts += [str(m.get("content") or "") for m in history if isinstance(m, dict)]
         return texts + [question]
 
-    def replacement(self, evidence: list, question: str) -> tuple[str, str]:
-        """The answer shown instead of an unsupported one: the evidence quoted with its citation, else a handoff."""
+    def replacement(self, evidence: list, question: str, declined: bool = False) -> tuple[str, str]:
+        """The answer shown instead of an unsupported or declined one: the evidence quoted with its citation (and,
+        for a decline, the way to a person), else a handoff offer."""
         from chatapp.evidence import extractive_answer
 
         language = "zh" if _CJK.search(question) else "en"
         quote = extractive_answer(evidence, n=self.settings.answer.fallback_units, language=language)
+        if quote and declined:
+            return f"{quote} {STILL_UNSURE_ZH if language == 'zh' else STILL_UNSURE}", "replaced_declined"
         if quote:
             return quote, "replaced_extractive"
         return (HANDOFF_REPLY_ZH if language == "zh" else HANDOFF_REPLY), "replaced_handoff"

@@ -126,7 +126,10 @@ class AnswerSettings:
     evidence_per_chunk: int = 2  # at most this many from one retrieved chunk
     guard: bool = True  # replace answers whose amounts, durations, levels or offers the evidence does not support
     fallback_units: int = 2  # evidence units quoted when the guard replaces an answer (the top two hold the answer
-    # to 95% of the English shop questions, the top one to 78%: bench/answers.py, extractive rows)
+    # to 95% of the English shop questions, the top one to 88%: bench/answers.py, extractive rows)
+    # A model answer that declines ("I'm not sure, shall I get a person?") although evidence was quoted is replaced
+    # by that evidence and the offer of a person (guard.StreamGuard hold_declines)
+    quote_when_declined: bool = True
 
 
 @dataclass

@@ -116,6 +116,22 @@ def test_a_supported_amount_is_kept(shop, retriever, tmp_path):
     assert len(replies) > 3  # it streamed
 
 
+def test_a_decline_despite_evidence_shows_the_evidence_and_the_way_to_a_person(shop, retriever, tmp_path):
+    from chatapp.bot import STILL_UNSURE
+
+    decline = "I'm not sure about that, and I'd rather not guess. Would you like me to connect you with our team?"
+    bot = make_bot(shop, retriever, decline, tmp_path)
+    replies, reply = ask(bot, QUESTION)
+    assert all("not sure" not in r.text for r in replies)  # the decline never flickers on screen
+    assert reply.replaced and reply.guard["action"] == "replaced_declined" and reply.guard["declined"]
+    assert reply.text.startswith('From our help article "Shipping costs are too high":') and "$8.00" in reply.text
+    assert reply.text.endswith(STILL_UNSURE)
+    assert decline.startswith(reply.guard["model_answer"])  # generation stopped at the decline
+    bot.retriever = None  # nothing quoted: declining is the right answer and is kept
+    _, reply = ask(bot, QUESTION)
+    assert not reply.replaced and reply.text == decline
+
+
 def test_an_unsupported_claim_without_evidence_becomes_a_handoff_offer(shop, retriever, tmp_path):
     bot = make_bot(shop, retriever, "Yes, 50% off for you.", tmp_path)
     bot.retriever = None  # no knowledge at all: nothing to quote

@@ -110,3 +110,24 @@ def test_extractive_answer_cites_its_heading():
     assert answer == 'From our help article "Asking for more time to pay": Gold members can always get an extension.'
     assert check(answer, [unit.text]).supported
     assert extractive_answer([]) == ""
+
+
+def test_a_decline_is_recognised_only_before_an_answer():
+    from chatapp.guard import declines
+
+    assert declines("I'm not sure about that, and I'd rather not guess. Would you like a person?")
+    assert declines("We're happy to help! Would you like me to connect you with a member of our support team?")
+    assert not declines("If you don't have a receipt, returns are within 30 days. Shall I connect you with a person?")
+    assert not declines("Sure!")
+
+
+def test_stream_guard_holds_an_answer_until_it_is_known_not_to_decline():
+    guard = StreamGuard(["Guest: returns within 30 days."], hold_declines=True)
+    assert guard.feed("Sure! ") == ""  # a greeting says nothing yet
+    assert guard.feed("Sure! Guests can return") == ""
+    assert guard.feed("Sure! Guests can return the items they bought within") == "Sure! Guests can return the items they bought"
+    assert not guard.declined
+    declining = StreamGuard([], hold_declines=True)
+    assert declining.feed("We're happy to help! Would you like me to connect you with") == ""
+    assert declining.declined and declining.finish("We're happy to help!").declined
+    assert not StreamGuard([]).finish("I'm not sure.").declined  # without evidence a decline is the right answer

@@ -5,12 +5,15 @@ the evidence does not answer.
 
 Three sources, all records in the seed format (history, question, answer, hits shaped like retrieval hits), so
 `chatapp tune` renders them with the live template and the same evidence selection as inference:
-- **the default knowledge base** (`knowledge/`, ABCD-derived, MIT): for every section, customer messages built from
-  its heading, with the membership level or order status a unit states ("I'm a gold member. Asking for more time to
-  pay"); the hits are what the retriever finds for that message, and the answer quotes the evidence units that the
-  selector puts first, kept only when the unit the message was built from is among them (else the example would
-  teach a wrong answer);
-- **DSTC9 FAQ pairs** (Apache-2.0): an FAQ question with its entity's FAQ entries as passages (the right one and
+- **the default knowledge base** (`knowledge/`, ABCD-derived, MIT): for every section, up to 16 customer messages
+  built from its heading, with the membership level or order status a unit states ("I'm a gold member. Asking for
+  more time to pay"), sometimes said in an earlier turn of the chat, and with the unit's own condition said as a
+  fact ("If you have not paid the bill yet, ..." -> "I have not paid the bill yet."); the hits are what the retriever
+  finds for that message, and the answer quotes the two evidence units the selector puts first, kept only when the
+  unit the message was built from is one of them (else the example would teach a wrong answer). Two, because the
+  fact a customer needs is often in the second unit (measured on the shop questions: the top unit holds it for 83%
+  of them, the top two for 95%), and an adapter trained mostly on one-line answers learned to quote one and stop;
+- **DSTC9 FAQ pairs** (Apache-2.0), 300: an FAQ question with its entity's FAQ entries as passages (the right one and
   others about the same place); the answer is the right entry's answer;
 - **handoffs**: CLINC150 in-scope requests from other domains (CC BY 3.0), asked of the shop's knowledge; whatever
   the retriever finds does not answer them, so the answer offers a person.
@@ -65,9 +68,47 @@ def _question_forms(heading: str) -> list[str]:
             f"I need help. {plain_form}", f"{plain_form} What are my options?"]
 
 
-def knowledge_records(settings, rng: random.Random, per_section: int = 10) -> list[dict]:
+FIRST_PERSON = [(r"\byou are\b", "I am"), (r"\byou're\b", "I'm"), (r"\byou've\b", "I've"), (r"\byours\b", "mine"),
+                (r"\byourself\b", "myself"), (r"\byour\b", "my"), (r"\byou\b", "I")]
+GREETINGS = ["Thanks! How can I help you today?", "Hello! What can I do for you?", "Thank you. How can I help?"]
+
+
+def first_person(clause: str) -> str:
+    """An article's condition as the customer says it: "you have not paid the bill yet" -> "I have not paid the bill
+    yet". Policies branch on such conditions, so customers state them and the unit that applies must come first."""
+    for pattern, repl in FIRST_PERSON:
+        clause = re.sub(pattern, repl, clause, flags=re.I)
+    clause = clause.strip()
+    return clause[0].upper() + clause[1:] if clause else clause
+
+
+def _asks_for_unit(unit_text: str, heading: str, rng: random.Random) -> list[tuple[str, list[dict]]]:
+    """Customer messages (with a history) that the unit answers: the section's question forms, with the membership
+    level or order status the unit states, said in the message itself or in an earlier turn, and with the unit's own
+    condition ("If you have not paid yet, ...") said as a fact about the customer."""
+    from chatapp.evidence import CONDITIONAL, conditions
+
+    stated = conditions(unit_text)
+    level = " ".join(LEVEL_PHRASES[v] for v in sorted(stated.get("member", ()))[:1])
+    status = " ".join(STATUS_PHRASES[v] for v in sorted(stated.get("status", ()))[:1])
+    clause = CONDITIONAL.match(unit_text)
+    own = f"{first_person(clause.group(1))}." if clause and re.search(r"\byou", clause.group(1), re.I) else ""
+    asks = []
+    for form in _question_forms(heading):
+        history: list[dict] = []
+        prefix = level
+        if level and rng.random() < 0.3:  # said earlier in the chat: the evidence must follow the conversation
+            history = [{"role": "user", "content": f"Hi, {level}"},
+                       {"role": "assistant", "content": rng.choice(GREETINGS)}]
+            prefix = ""
+        parts = [prefix, own if own and rng.random() < 0.5 else "", form, status]
+        asks.append(((rng.choice(OPENERS) + " ".join(x for x in parts if x)).strip(), history))
+    return asks
+
+
+def knowledge_records(settings, rng: random.Random, per_section: int = 16) -> list[dict]:
     """Questions about every section of the knowledge base, answered by quoting the evidence that answers them."""
-    from chatapp.evidence import EvidenceSelector, conditions
+    from chatapp.evidence import EvidenceSelector
     from chatapp.retrieval import Retriever
 
     retriever = Retriever.open(settings)
@@ -78,28 +119,22 @@ def knowledge_records(settings, rng: random.Random, per_section: int = 10) -> li
         if record.kind != "doc":
             continue
         heading = record.title.split(" › ")[-1]
-        units = selector.units([record])
-        asks: list[tuple[str, str]] = []  # (question, the unit it must be answered from)
-        for unit in units:
-            stated = conditions(unit.text)
-            for form in _question_forms(heading):
-                prefix = " ".join(LEVEL_PHRASES[v] for v in sorted(stated.get("member", ()))[:1])
-                suffix = " ".join(STATUS_PHRASES[v] for v in sorted(stated.get("status", ()))[:1])
-                asks.append(((rng.choice(OPENERS) + " ".join(x for x in (prefix, form, suffix) if x)).strip(),
-                             unit.text))
+        asks: list[tuple[str, list[dict], str]] = []  # (question, history, the unit it must be answered from)
+        for unit in selector.units([record]):
+            asks += [(q, h, unit.text) for q, h in _asks_for_unit(unit.text, heading, rng)]
         rng.shuffle(asks)
         kept = 0
-        for question, source_unit in asks:
-            search = retriever.search(question, [])
+        for question, history, source_unit in asks:
+            search = retriever.search(question, history)
             if search.handoff:
                 continue
-            evidence = selector.select(question, [], search.hits)
+            evidence = selector.select(question, history, search.hits)
             top = [e.text for e in evidence[:2]]
             if source_unit not in top:
-                continue
+                continue  # the selector would not put this unit first: the example would teach a wrong answer
             answer = " ".join(t if t.endswith((".", "!", "?")) else t + "." for t in top)
             records.append({"id": f"kb-{len(records)}", "conversation": f"kb:{record.chunk_id}:{kept}",
-                            "source": "kb-grounded", "history": [], "question": question, "answer": answer,
+                            "source": "kb-grounded", "history": history, "question": question, "answer": answer,
                             "hits": [_hit(h) for h in search.hits]})
             kept += 1
             if kept >= per_section:
@@ -149,7 +184,7 @@ def handoff_records(settings, data: Path, rng: random.Random, count: int) -> lis
     return records
 
 
-def build(settings, data: Path = DEFAULT_DATA, seed: int = 0, dstc9: int = 600, handoffs: int = 140) -> list[dict]:
+def build(settings, data: Path = DEFAULT_DATA, seed: int = 0, dstc9: int = 300, handoffs: int = 140) -> list[dict]:
     rng = random.Random(seed)
     records = knowledge_records(settings, rng) + dstc9_records(data, rng, dstc9) + \
         handoff_records(settings, data, rng, handoffs)
