@@ -259,3 +259,100 @@ def test_no_promise_when_nobody_can_come(settings: Settings, tmp_path: Path):
     add_serve_flags(parser)
     with pytest.raises(SystemExit, match="support hours"):
         settings_from_args(parser.parse_args(["--support-hours", "9 to 5"]))
+
+
+def test_live_requests_wake_on_a_reply_and_open_only_the_callers_conversation(served):
+    """The customer page's live request (POST live/customer): it answers within a moment of an agent's reply, written
+    in this process (the notifier) or by another one (the re-check); a forged token, a token bound to another login,
+    or bad input get a clear refusal and nothing else; the staff route needs a staff login."""
+    import threading
+
+    import httpx
+
+    bot, url, server = served
+    server.live.hold_s = 3.0  # a held request answers "unchanged" after this long (20 s in the app)
+    tokens = BrowserTokens(bot.settings.data_dir / "browser.key")
+    token = tokens.issue()  # what a browser holds
+    alice = Client(url, auth=("cust", "pw-cust"), verbose=False)
+    chat(alice, "Where is parcel 5150?", token=token)
+    alice.predict(token, api_name="/handoff")
+    cid = tokens.conversation_id(token)
+    assert bot.inbox.get(cid).user == "cust"
+    with httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("login", data={"username": "cust", "password": "pw-cust"}).status_code == 200
+        first = http.post("live/customer", json={"token": token, "after": 0, "position": None}).json()
+        position = bot.inbox.queue_position(cid)
+        assert first["changed"] and first["position"] == position >= 1  # the page catches up once: it waits
+        quiet = time.monotonic()
+        idle = http.post("live/customer", json={"token": token, "after": first["after"], "position": position}).json()
+        assert not idle["changed"] and time.monotonic() - quiet >= 2.5  # held while nothing happens
+
+        def reply_later(text: str, store) -> None:
+            time.sleep(0.8)
+            store.reply(cid, "ann", "Ann", text)
+
+        for text, store in (("In-process reply", bot.inbox), ("Reply from another replica",
+                                                              Inbox(bot.settings.feedback_db))):
+            after = max(m.id for m in bot.inbox.messages(cid))
+            threading.Thread(target=reply_later, args=(text, store)).start()
+            started = time.monotonic()
+            woke = http.post("live/customer", json={"token": token, "after": after,
+                                                    "position": bot.inbox.queue_position(cid)}).json()
+            waited = time.monotonic() - started
+            assert woke["changed"] and 0.7 < waited < 1.8, (text, waited)  # the re-check: within ~0.5 s
+            shown = message_text(alice.predict(api_name="/poll")[0][-1]["content"])
+            assert text in shown and "a person" in shown
+
+        # someone else's conversation: a forged token, the right token without the right login, bad input
+        forged = token[:-1] + ("0" if token[-1] != "0" else "1")
+        for body in ({"token": forged}, {"token": cid}, {"token": None}):
+            refused = http.post("live/customer", json=body)
+            assert refused.status_code == 403 and "reload the page" in refused.json()["error"]
+            assert "after" not in refused.json()
+    with httpx.Client(base_url=url, timeout=30) as other:
+        other.post("login", data={"username": "other", "password": "pw-other"})
+        refused = other.post("live/customer", json={"token": token})
+        assert refused.status_code == 403 and refused.json() == {"error": "This conversation belongs to another account."}
+        for bad in ({"token": token, "after": "x"}, {"token": token, "after": -1}):
+            assert other.post("live/customer", json=bad).status_code == 400
+        assert other.post("live/customer", content=b"not json").json()["error"] == "The request body must be JSON."
+        assert other.post("live/customer", content=b"x" * 5000).status_code == 413
+        # the inbox's live route is the console's: customers and strangers are refused
+        assert other.post("staff/live/inbox", json={}).status_code == 401
+    with httpx.Client(base_url=url, timeout=30) as agent:
+        agent.post("staff/login", data={"username": "ann", "password": "pw-ann"})
+        state = agent.post("staff/live/inbox", json={"since": None, "cid": None}).json()
+        assert state["changed"]
+        started = time.monotonic()
+        threading.Thread(target=lambda: (time.sleep(0.5), bot.inbox.add(cid, "customer", "still there?"))).start()
+        assert agent.post("staff/live/inbox", json={"since": state["since"], "cid": None}).json()["changed"]
+        assert time.monotonic() - started < 1.5  # a customer's message reaches the agent's inbox at once
+    assert "ann" in bot.inbox.agents_online()  # an open inbox counts as signed in
+
+
+def test_customer_endpoints_are_throttled_per_address_and_the_app_stays_up(served):
+    """Over the per-address limit a customer request gets 429 with a message to wait (an API client gets the 429);
+    the console is not throttled, and once the bucket refills the same address chats again."""
+    import httpx
+
+    bot, url, server = served
+    throttle = server.throttle
+    saved = throttle.per_s, throttle.burst
+    throttle.per_s, throttle.burst = 0.5, 4
+    throttle.clear()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            codes = [http.post("live/customer", json={"token": "x"}).status_code for _ in range(6)]
+            assert codes[:4] == [403] * 4 and codes[4:] == [429, 429], codes
+            refused = http.post("widget/live/customer", json={"token": "x"})
+            assert refused.status_code == 429 and "wait a few seconds" in refused.json()["error"]
+            assert int(refused.headers["retry-after"]) >= 1
+            assert http.get("").status_code == 200 and http.get("widget.js").status_code == 200  # pages still load
+            assert http.post("staff/live/inbox", json={}).status_code == 401  # the console: its own rules
+        with pytest.raises(Exception, match="429 Too Many Requests"):  # gradio_client shows the status; a page the text
+            Client(url, auth=("cust", "pw-cust"), verbose=False).predict("Hello?", "auto", 0.0, 16, None,
+                                                                         api_name="/chat")
+    finally:
+        throttle.per_s, throttle.burst = saved
+        throttle.clear()
+    assert chat(Client(url, auth=("cust", "pw-cust"), verbose=False), "Hello again")[0]  # the app carries on

@@ -3,6 +3,10 @@ the staff console at `/staff`, each its own Gradio app with its own login (gr.mo
 
 Why separate apps: a Gradio app exposes every event of its Blocks as an API endpoint, so the only way to keep staff
 functions (exports, the inbox) away from customers is to never put them in the customer's Blocks.
+
+Beside them, the live routes (chatapp/ui/live.py): `POST /live/customer` (and `/widget/live/customer`) tells a
+customer's page that an agent wrote, `POST /staff/live/inbox` tells an agent's inbox that a conversation changed.
+The server owns the notifier that wakes them when this process writes a message.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from chatapp.access import ExpiringTokens
+from chatapp.access import BrowserTokens, ExpiringTokens
 from chatapp.bot import Bot
+from chatapp.ui.live import LiveInbox, LiveRoutes, Notifier
+from chatapp.ui.throttle import Throttle, ThrottleMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +59,55 @@ class Server:
 
         self.bot, self.host, self.port = bot, host, port
         accounts = bot.accounts
+        # every write to the inbox wakes the live requests waiting on it (a bot served twice keeps one notifier)
+        self.notifier = bot.inbox.notifier if isinstance(bot.inbox, LiveInbox) else Notifier()
+        if bot.inbox is not None and not isinstance(bot.inbox, LiveInbox):
+            bot.inbox = LiveInbox(bot.inbox, self.notifier)
         self.customer, self.widget, self.staff = build_customer(bot), build_customer(bot, widget=True), build_staff(bot)
         self.app = FastAPI()
+        ui = bot.settings.ui
+        self.throttle = Throttle(ui.throttle_per_s, ui.throttle_burst, ui.throttle_live)
+        self.app.add_middleware(ThrottleMiddleware, throttle=self.throttle)  # the customer endpoints, per address
         self.app.get("/widget.js", include_in_schema=False)(
             lambda: Response(WIDGET_JS, media_type="application/javascript"))
         staff_auth = accounts.checker(accounts.staff) if accounts.staff else None
         customer_auth = accounts.checker(set(accounts.passwords)) if accounts.customers else None
+        self._mounted: dict[str, FastAPI] = {}
+        self.live = LiveRoutes(bot, BrowserTokens(bot.settings.data_dir / "browser.key"), self.notifier,
+                               self._login, staff_open=not accounts.staff)
+        # before the mounts: Starlette matches routes in order, and /staff/... would otherwise be the console's
+        for path in ("/live/customer", "/widget/live/customer"):
+            self.app.post(path, include_in_schema=False)(self.live.customer)
+        self.app.post("/staff/live/inbox", include_in_schema=False)(self.live.inbox)
         common = dict(ssr_mode=False, footer_links=["api"], show_error=True)
         # most specific first: Starlette matches mounts in order
-        gr.mount_gradio_app(self.app, self.staff, "/staff", auth=staff_auth, **common,
-                            auth_message="Support staff sign-in")
-        gr.mount_gradio_app(self.app, self.widget, "/widget", auth=customer_auth, **common)
-        gr.mount_gradio_app(self.app, self.customer, "/", auth=customer_auth, **common)
+        for name, blocks, path, auth, extra in (
+                ("staff", self.staff, "/staff", staff_auth, {"auth_message": "Support staff sign-in"}),
+                ("widget", self.widget, "/widget", customer_auth, {}),
+                ("customer", self.customer, "/", customer_auth, {})):
+            gr.mount_gradio_app(self.app, blocks, path, auth=auth, **common, **extra)
+            self._mounted[name] = self.app.routes[-1].app
         for route in self.app.routes:  # staff logins expire; customers' need not
             if getattr(route, "path", None) == "/staff":
                 route.app.tokens = ExpiringTokens(bot.settings.ui.staff_session_s)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.share_url: str | None = None
+
+    def _login(self, request, surface: str) -> str | None:
+        """Who is signed in to the customer apps ('customer') or the console ('staff') on this request: Gradio's own
+        session cookie, looked up in the mounted app's token table (so an expired staff login counts as none)."""
+        names = ("customer", "widget") if surface == "customer" else ("staff",)
+        for name in names:
+            app = self._mounted.get(name)
+            if app is None:
+                continue
+            token = request.cookies.get(f"access-token-{app.cookie_id}") or \
+                request.cookies.get(f"access-token-unsecure-{app.cookie_id}")
+            user = app.tokens.get(token) if token else None
+            if user:
+                return user
+        return None
 
     @property
     def local_url(self) -> str:
@@ -103,6 +140,7 @@ class Server:
         return self.share_url
 
     def close(self) -> None:
+        self.live.close()  # first: held live requests answer, so the server need not wait for them
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

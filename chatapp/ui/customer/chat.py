@@ -1,5 +1,7 @@
 """The customer chat: streaming answers, sources, thumbs up/down with a correction, stop/retry/clear, and a handoff
-to a person whose replies arrive live (a 1 s gr.Timer poll).
+to a person whose replies arrive live: the page holds a long-poll open (chatapp/ui/live.py) and, when it says an
+agent wrote, clicks a hidden button whose handler puts the new message on screen. No timer: a page costs the server
+nothing through Gradio while nothing arrives.
 
 Wiring only: every decision is the bot's (chatapp/conversations.py for the human part). Per-page state lives in
 gr.State values: the bot's `Session` (the conversation the model sees) and a `ChatView` (what the page shows). The
@@ -18,6 +20,7 @@ from chatapp import conversations
 from chatapp.access import BrowserTokens
 from chatapp.bot import Bot, Reply, Session
 from chatapp.inbox import Forbidden, Message
+from chatapp.ui.live import CUSTOMER_JS
 
 
 @dataclass
@@ -28,7 +31,8 @@ class ChatView:
     message_ids: list[str | None] = field(default_factory=list)
     last_question: str = ""
     seen: int = 0  # the last conversation message (inbox id) already on screen
-    busy: bool = False  # an answer is streaming: the poll leaves the chat alone
+    busy: bool = False  # an answer is streaming
+    partial: dict | None = None  # its bubble so far: an arrival is drawn above it instead of waiting for its end
     hint: str = ""
 
     def add(self, role: str, content: str, message_id: str | None = None) -> None:
@@ -87,7 +91,6 @@ def build(bot: Bot, widget: bool = False) -> None:
     session_state = gr.State(None)
     view_state = gr.State(None)
     rated_id = gr.State(None)
-    timer = gr.Timer(1.0, active=False)  # runs only while a person has (or is asked to take) the conversation
 
     status = gr.Markdown(bot.status(), elem_id="status", visible=not widget)
     with gr.Row():
@@ -112,6 +115,8 @@ def build(bot: Bot, widget: bool = False) -> None:
                 handoff = gr.Button("🙋 Talk to a person", size="sm", elem_id="handoff")
                 end = gr.Button("End chat", size="sm", elem_id="end-chat")
             hint = gr.Markdown("", elem_id="hint")
+            # clicked by CUSTOMER_JS when the live request says something arrived; in the DOM, never on screen
+            arrived = gr.Button("new messages", visible="hidden", elem_id="live-refresh")
             with gr.Group(visible=False, elem_id="contact-box") as contact_box:
                 contact = gr.Textbox(show_label=False, placeholder="Your email address or phone number",
                                      elem_id="contact")
@@ -165,11 +170,6 @@ def build(bot: Bot, widget: bool = False) -> None:
         return state.hint, gr.update(visible=state.offline), gr.update(visible=state.state == "resolved"
                                                                         and bool(state.hint))
 
-    def live(session: Session | None) -> gr.Timer:
-        """Poll while a person is involved; a conversation with the bot alone costs the server nothing."""
-        conversation = bot.inbox.get(session.session_id) if bot.inbox is not None and session is not None else None
-        return gr.Timer(active=conversation is not None and conversation.state in ("waiting", "with_agent"))
-
     def on_load(token, request: gr.Request):
         session, token = open_session(token, request)
         view = ChatView()
@@ -177,7 +177,7 @@ def build(bot: Bot, widget: bool = False) -> None:
             for item in bot.inbox.messages(session.session_id):
                 view.add(*format_message(item), item.meta.get("message_id"))
                 view.seen = item.id
-        return (token, session, view, view.messages, *boxes(session, view), live(session))
+        return (token, session, view, view.messages, *boxes(session, view))
 
     def respond(text: str, mode_: str, temperature_: float, max_tokens_: int, token=None, session: Session | None = None,
                 view: ChatView | None = None, request: gr.Request = None):
@@ -190,7 +190,7 @@ def build(bot: Bot, widget: bool = False) -> None:
         session.mode = mode_
         view.last_question = text
         view.add("user", _escape(text.strip()[:2000]))
-        shown = view.messages
+        asked_at = len(view.messages) - 1  # an agent's message may be put after it while the answer streams
         reply, shown_at = Reply(""), 0.0
         view.busy = True
         try:
@@ -198,36 +198,36 @@ def build(bot: Bot, widget: bool = False) -> None:
                                   temperature=temperature_, max_new_tokens=int(max_tokens_)):
                 if reply.done and not reply.text and reply.handoff:
                     break  # the message went to the person who has the conversation
-                shown = view.messages + [{"role": "assistant", "content": format_reply(reply)}]
+                view.partial = {"role": "assistant", "content": format_reply(reply)}
                 if time.monotonic() - shown_at >= bot.settings.ui.stream_every_s:
                     shown_at = time.monotonic()
-                    yield shown, "", gr.skip(), gr.skip(), "", session, view
+                    yield view.messages + [view.partial], "", gr.skip(), gr.skip(), "", session, view
         finally:
-            view.busy = False
+            view.busy, view.partial = False, None
         if reply.done and not reply.text and reply.handoff:
             catch_up(session, view)
             yield view.messages, "", gr.skip(), gr.skip(), view.hint, session, view
             return
         if reply.message_id is None:  # nothing was answered (empty after cleaning)
-            view.messages, view.message_ids = view.messages[:-1], view.message_ids[:-1]
+            view.messages = view.messages[:asked_at] + view.messages[asked_at + 1:]
+            view.message_ids = view.message_ids[:asked_at] + view.message_ids[asked_at + 1:]
             yield view.messages, text, gr.skip(), bot.status(), reply.notice or "", session, view
             return
-        view.messages = shown
-        view.message_ids = view.message_ids + [reply.message_id]
+        view.add("assistant", format_reply(reply), reply.message_id)
         catch_up(session, view, skip=reply.text)
         hint_text = conversations.status(bot, session).hint
         yield view.messages, "", format_sources(reply), bot.status(), hint_text, session, view
 
-    def on_tick(session: Session | None, view: ChatView | None):
-        """The live part: an agent's reply (or a change of who has the conversation) within a second."""
-        if session is None or view is None or view.busy or bot.inbox is None:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        before, hint_before = len(view.messages), view.hint
+    def on_arrival(session: Session | None, view: ChatView | None):
+        """What arrived (an agent's reply, who has the conversation, the place in the queue), when the live request
+        said so. The chat is sent even when `respond` already caught the message up: its own output may still be on
+        its way through Gradio's queue, and this call is the fast path. While an answer streams, what arrived goes
+        above its bubble (the stream's next update keeps it there) rather than waiting for the answer to end."""
+        if session is None or view is None or bot.inbox is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         catch_up(session, view)
-        hint_text, contact_update, csat_update = boxes(session, view)
-        if len(view.messages) == before and hint_text == hint_before:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return view.messages, hint_text, contact_update, csat_update, live(session)
+        partial = view.partial
+        return (view.messages + ([partial] if partial else []), *boxes(session, view))
 
     def on_stop(session: Session | None):
         if session is not None:
@@ -300,32 +300,31 @@ def build(bot: Bot, widget: bool = False) -> None:
         return conversations.end_chat(bot, session, int(value)), gr.update(visible=False)
 
     private = dict(api_name=False, show_progress="hidden")
+    # the live request starts once the page has its token (and again with the new one after Clear)
     gr.on(triggers=None, fn=on_load, inputs=[browser], outputs=[browser, session_state, view_state, chatbot, hint,
-                                                                 contact_box, csat_box, timer], **private)
+                                                                 contact_box, csat_box], **private).then(
+        None, [browser], None, js=CUSTOMER_JS, **private)
     inputs = [message, mode, temperature, max_tokens, browser, session_state, view_state]
     outputs = [chatbot, message, sources, status, hint, session_state, view_state]
-    message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=None).then(
-        live, [session_state], [timer], api_name=False, queue=False)
-    send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None).then(
-        live, [session_state], [timer], api_name=False, queue=False)
+    message.submit(respond, inputs, outputs, api_name="chat", concurrency_limit=None)
+    send.click(respond, inputs, outputs, api_name=False, concurrency_limit=None)
     # "poll" is public on purpose: it reads only the caller's own session state, so API clients (and
-    # bench/handoff.py) receive agents' replies the way the page does.
-    # queue=False: a poll is a plain request, not a queued job (20 pages' polls through the queue cost the bot's
-    # answers a lot of CPU: bench/handoff.py).
-    timer.tick(on_tick, [session_state, view_state], [chatbot, hint, contact_box, csat_box, timer], queue=False,
-               api_name="poll", show_progress="hidden")
+    # bench/handoff.py) receive agents' replies the way the page does, after the live request said so.
+    # queue=False: a plain request, not a queued job; always_last: an arrival during a running one is not lost.
+    arrived.click(on_arrival, [session_state, view_state], [chatbot, hint, contact_box, csat_box], queue=False,
+                  api_name="poll", show_progress="hidden", trigger_mode="always_last")
     # Stop ends generation through the session's event, so the partial answer is still kept and logged.
     stop.click(on_stop, [session_state], None, api_name="stop", queue=False)
     retry.click(on_retry, [session_state, view_state], [chatbot, session_state, view_state, message], api_name=False)
     clear.click(on_clear, None, [browser, chatbot, session_state, view_state, message, sources, correction_box],
-                api_name="clear")
+                api_name="clear").then(None, [browser], None, js=CUSTOMER_JS, **private)
     chatbot.like(on_like, [view_state], [correction_box, rated_id, hint], api_name="rate")
     save_correction.click(on_correction, [rated_id, correction, reason], [correction_box, correction, reason, hint], api_name="correct")
     handoff_outputs = [chatbot, session_state, view_state, status, hint, contact_box, correction_box]
     handoff.click(handoff_for("user_request"), [browser, session_state, view_state], handoff_outputs,
-                  api_name="handoff").then(live, [session_state], [timer], api_name=False, queue=False)
+                  api_name="handoff")
     ask_person.click(handoff_for("downvoted"), [browser, session_state, view_state], handoff_outputs,
-                     api_name=False).then(live, [session_state], [timer], api_name=False, queue=False)
+                     api_name=False)
     contact_send.click(on_contact, [session_state, view_state, contact, contact_text],
                        [chatbot, contact_box, hint, contact_text], api_name=False)
     end.click(on_end, [session_state, view_state], [hint, csat_box], api_name=False)

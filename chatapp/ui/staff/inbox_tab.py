@@ -1,6 +1,8 @@
 """The Inbox tab: conversations waiting for a person (oldest first), the whole transcript of the one opened, and
-claim / reply / hand back to the bot / resolve. A 1 s gr.Timer keeps the queue and the transcript live, and marks
-the agent as signed in (the customer is told when nobody is).
+claim / reply / hand back to the bot / resolve. The page holds a long-poll open (`POST live/inbox`,
+chatapp/ui/live.py) that answers when the queue or the opened conversation changed; it then clicks a hidden button
+that redraws. While it is open the agent counts as signed in (the customer is told when nobody is). No timer: an open
+console costs the server a cheap query every half second, not a Gradio request every second.
 
 Wiring only: the states and their rules are chatapp/inbox.py's, agent replies go through Bot.agent_reply.
 """
@@ -14,6 +16,7 @@ from datetime import datetime
 import gradio as gr
 
 from chatapp.inbox import InboxError, Message
+from chatapp.ui.live import STAFF_JS, STAFF_PICK_JS
 from chatapp.ui.server import widget_snippet
 
 STATE_LABEL = {"waiting": "⏳ waiting", "with_agent": "🧑 with agent", "bot": "🤖 bot", "resolved": "✅ resolved"}
@@ -58,8 +61,7 @@ def _message(m: Message) -> str:
 
 
 def build(bot) -> None:
-    timer = gr.Timer(1.0)
-    shown = gr.State(None)  # what this page last drew, so an unchanged poll sends nothing
+    shown = gr.State(None)  # what this page last drew, so an unchanged redraw sends nothing
     gr.Markdown("Conversations waiting for a person, oldest first. Open one, **Claim** it, reply; "
                 "**Hand back** gives it to the bot again, **Resolve** ends it.")
     queue = gr.Markdown("*No conversation is waiting.*", elem_id="inbox-queue")
@@ -77,6 +79,7 @@ def build(bot) -> None:
                 hand_back = gr.Button("Hand back to the bot", elem_id="inbox-handback")
                 resolve = gr.Button("Resolve", elem_id="inbox-resolve")
             result = gr.Markdown("", elem_id="inbox-status")
+    changed = gr.Button("refresh", visible="hidden", elem_id="inbox-live-refresh")  # clicked by STAFF_JS
     with gr.Accordion("Embed the chat on your site", open=False):
         gr.Markdown("Paste this into your shop's pages (it loads nothing from a third party):")
         host = bot.settings.ui.host if bot.settings.ui.host not in ("0.0.0.0", "::") else socket.getfqdn()
@@ -156,9 +159,11 @@ def build(bot) -> None:
 
     private = dict(api_name=False, show_progress="hidden")
     outputs = [queue, picked, header, transcript, shown]
-    timer.tick(refresh, [picked, shown], outputs, queue=False, **private)  # a plain request, not a queued job
-    gr.on(triggers=None, fn=refresh, inputs=[picked, shown], outputs=outputs, **private)
-    picked.change(redraw, [picked], outputs, **private)
+    # a plain request, not a queued job; always_last: a change during a running redraw is drawn after it
+    changed.click(refresh, [picked, shown], outputs, queue=False, trigger_mode="always_last", **private)
+    gr.on(triggers=None, fn=refresh, inputs=[picked, shown], outputs=outputs, **private).then(
+        None, None, None, js=STAFF_JS, **private)
+    picked.change(redraw, [picked], outputs, **private).then(None, [picked], None, js=STAFF_PICK_JS, **private)
     for button, action, clears in ((claim, do_claim, None), (send, do_send, reply), (hand_back, do_hand_back, note),
                                    (resolve, do_resolve, note)):
         button.click(act(action), [picked, reply, note], [result, clears or reply], **private).then(
