@@ -61,8 +61,10 @@ RISKY = re.compile(rf"[\d$€£%]|\b({_WORD}|gold|silver|bronze|guest|free|no ch
 # A reply that gives no answer: unsure, would rather not guess, offers a person, has no details
 DECLINE = re.compile(r"\b(?:i'?m not sure|i am not sure|(?:i'd|i would) rather not guess|connect you with|"
                      r"i (?:do not|don't) (?:have|know)\b|i (?:can ?not|can't) (?:help|answer)|"
-                     r"(?:no|any) (?:specific )?(?:details|information) (?:available|about|on)\b)", re.I)
+                     r"(?:no|any) (?:specific )?(?:details|information) (?:available|about|on)\b)"
+                     r"|我不确定|我不清楚|无法回答|没有(?:相关|找到)(?:的)?(?:资料|信息)|不想乱猜", re.I)
 SUBSTANTIVE_WORDS = 6  # a sentence this long that does not decline is an answer ("We're happy to help!" is not)
+SUBSTANTIVE_CJK = 10  # ... and in Chinese, this many characters
 SENTENCE = re.compile(r"(?:[^.!?。！？\n]|\.(?=\d))*(?:[.!?。！？]+(?=\s|$)|[。！？]|\n)")
 
 
@@ -174,7 +176,8 @@ def _sentence_declines(sentence: str) -> bool | None:
     """True: a decline; False: a substantive answer; None: neither yet (a greeting, "Sure!")."""
     if DECLINE.search(sentence):
         return True
-    return False if len(sentence.split()) >= SUBSTANTIVE_WORDS else None
+    long = len(sentence.split()) >= SUBSTANTIVE_WORDS or len(re.findall(r"[\u3400-\u9fff]", sentence)) >= SUBSTANTIVE_CJK
+    return False if long else None
 
 
 def declines(answer: str) -> bool:

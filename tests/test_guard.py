@@ -119,6 +119,8 @@ def test_a_decline_is_recognised_only_before_an_answer():
     assert declines("We're happy to help! Would you like me to connect you with a member of our support team?")
     assert not declines("If you don't have a receipt, returns are within 30 days. Shall I connect you with a person?")
     assert not declines("Sure!")
+    assert declines("抱歉，我不确定这个问题的答案。需要为您转接人工客服吗？")
+    assert not declines("铜卡会员升级隔夜送达需要支付 20 美元。")
 
 
 def test_stream_guard_holds_an_answer_until_it_is_known_not_to_decline():
@@ -131,3 +133,5 @@ def test_stream_guard_holds_an_answer_until_it_is_known_not_to_decline():
     assert declining.feed("We're happy to help! Would you like me to connect you with") == ""
     assert declining.declined and declining.finish("We're happy to help!").declined
     assert not StreamGuard([]).finish("I'm not sure.").declined  # without evidence a decline is the right answer
+    chinese = StreamGuard(["You can upgrade while the order has not shipped."], hold_declines=True)
+    assert chinese.feed("您可以在订单发货之前升级为隔夜送") == "您可以在订单发货之前升级为隔夜"  # streams before its full stop
