@@ -65,6 +65,7 @@ DECLINE = re.compile(r"\b(?:i'?m not sure|i am not sure|(?:i'd|i would) rather n
                      r"|我不确定|我不清楚|无法回答|没有(?:相关|找到)(?:的)?(?:资料|信息)|不想乱猜", re.I)
 SUBSTANTIVE_WORDS = 6  # a sentence this long that does not decline is an answer ("We're happy to help!" is not)
 SUBSTANTIVE_CJK = 10  # ... and in Chinese, this many characters
+SUBSTANTIVE_CHARS = 40  # ... or this long at all (text without spaces)
 SENTENCE = re.compile(r"(?:[^.!?。！？\n]|\.(?=\d))*(?:[.!?。！？]+(?=\s|$)|[。！？]|\n)")
 
 
@@ -172,11 +173,14 @@ def unsupported(answer: str, references: Iterable[str]) -> tuple[list[Claim], li
     return mine, [c for c in mine if not any(_matches(c, k) for k in known)]
 
 
-def _sentence_declines(sentence: str) -> bool | None:
-    """True: a decline; False: a substantive answer; None: neither yet (a greeting, "Sure!")."""
+def _sentence_declines(sentence: str, complete: bool = True) -> bool | None:
+    """True: a decline; False: a substantive answer; None: neither yet (a greeting, "Sure!"). A sentence still being
+    written must be longer to count ("Would you like me to connect" may go on "... you with a person?")."""
     if DECLINE.search(sentence):
         return True
-    long = len(sentence.split()) >= SUBSTANTIVE_WORDS or len(re.findall(r"[\u3400-\u9fff]", sentence)) >= SUBSTANTIVE_CJK
+    scale = 1 if complete else 2
+    long = len(sentence.split()) >= SUBSTANTIVE_WORDS * scale or len(sentence) >= SUBSTANTIVE_CHARS * scale or \
+        len(re.findall(r"[\u3400-\u9fff]", sentence)) >= SUBSTANTIVE_CJK * scale
     return False if long else None
 
 
@@ -226,7 +230,7 @@ class StreamGuard:
                 break  # the failed sentence is never shown
             self._checked = match.end()
         if not self._answering and not self.declined and not self.failed:
-            said = _sentence_declines(text[self._checked:])  # a long first sentence need not end to be an answer
+            said = _sentence_declines(text[self._checked:], complete=False)  # a long sentence need not end first
             self.declined = said is True
             self._answering = said is False
         if self.declined or not self._answering:

@@ -27,6 +27,9 @@ def app_url(tiny_model_dir: Path, tmp_path_factory):
     settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
     settings.generation.max_new_tokens, settings.generation.temperature = 24, 0.0
     settings.ui.stream_every_s = 0.0  # every token an update: the tiny model writes a whole answer in 50 ms
+    # The tiny random model's greedy answer is blank space, never a sentence, so the guard's hold until the first
+    # substantive sentence (tests/test_guard.py, test_answers.py) would show nothing: here the UI's streaming is tested
+    settings.answer.quote_when_declined = False
     bot = Bot.create(settings)
     app = build(bot)
     app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -66,6 +69,7 @@ def test_stream_updates_are_coalesced_to_the_configured_rate(tiny_model_dir: Pat
     settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
     settings.generation.max_new_tokens, settings.generation.temperature = 24, 0.0
     settings.ui.stream_every_s = 60.0
+    settings.answer.quote_when_declined = False  # see app_url
     app = build(Bot.create(settings))
     app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
