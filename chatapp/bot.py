@@ -266,7 +266,7 @@ class Bot:
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
         if search is not None and search.handoff == "low_confidence":
-            reply = Reply(HANDOFF_REPLY, handoff="low_confidence")
+            reply = Reply(HANDOFF_REPLY_ZH if language == "zh" else HANDOFF_REPLY, handoff="low_confidence")
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
         if search is not None and search.curated is not None:

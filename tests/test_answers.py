@@ -145,6 +145,17 @@ def test_a_chinese_question_on_an_english_only_model_is_told_what_the_bot_can_do
     assert "英文" in reply.text and reply.handoff is None and not bot.model.prompts
 
 
+def test_a_chinese_question_the_knowledge_does_not_answer_gets_a_chinese_handoff_offer(shop, retriever, tmp_path):
+    from chatapp.bot import HANDOFF_REPLY_ZH
+
+    bot = make_bot(shop, retriever, "whatever", tmp_path)
+    bot.settings = Settings(data_dir=shop.data_dir)  # its own copy: a model that writes Chinese
+    bot.settings.retrieval.knowledge_dir = shop.retrieval.knowledge_dir
+    bot.settings.model.languages = "en,zh"
+    _, reply = ask(bot, "你们的手机信号好吗？")  # nothing in the shipping article
+    assert reply.handoff == "low_confidence" and reply.text == HANDOFF_REPLY_ZH and not bot.model.prompts
+
+
 def _write_items(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
