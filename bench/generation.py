@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import re
 import resource
 import statistics
 import subprocess
