@@ -18,7 +18,7 @@ from chatapp.access import Accounts, BrowserTokens, ExpiringTokens
 from chatapp.benchutil import message_text
 from chatapp.bot import Bot
 from chatapp.config import REPO_ROOT, Settings
-from chatapp.inbox import Inbox, InboxError
+from chatapp.inbox import Inbox
 from conftest import free_port
 
 CUSTOMER_ENDPOINTS = {"/chat", "/poll", "/stop", "/clear", "/rate", "/correct", "/handoff"}
@@ -90,36 +90,6 @@ def test_a_customer_cannot_open_another_customers_conversation(served):
     last = message_text(chatbot[-1]["content"])
     assert "Parcel 4711 ships today &lt;script&gt;" in last and "Ann" in last and "a person" in last
     assert "4711" not in str(mallory.predict(api_name="/poll"))  # the last guesser's poll: nothing of Alice's
-
-
-def test_inbox_claim_reply_hand_back_resolve_and_restart(tmp_path):
-    db = tmp_path / "feedback.sqlite3"
-    inbox = Inbox(db)
-    inbox.ensure("c1")
-    inbox.add("c1", "customer", "<b>help</b>")
-    inbox.request_person("c1", "user_request")
-    inbox.ensure("c2")
-    inbox.request_person("c2", "downvoted")
-    assert [c.conversation_id for c in inbox.open_conversations()] == ["c1", "c2"]
-    assert inbox.queue_position("c2") == 2
-    inbox.claim("c1", "ann", "Ann")
-    with pytest.raises(InboxError, match="Ann already has this conversation"):
-        inbox.claim("c1", "bob", "Bob")
-    with pytest.raises(InboxError, match="Ann has this conversation"):
-        inbox.reply("c1", "bob", "Bob", "hi")
-    inbox.reply("c1", "ann", "Ann", "Hello, I'm Ann")
-    inbox.hand_back("c1", "ann", "answered")
-    with pytest.raises(InboxError, match="already handed back"):
-        inbox.reply("c1", "ann", "Ann", "one more thing")
-    inbox.resolve("c2", "bob", "duplicate")
-    with pytest.raises(InboxError, match="already resolved"):
-        inbox.reply("c2", "bob", "Bob", "late")
-    inbox.close()
-    again = Inbox(db)  # a restart keeps states and messages
-    assert again.get("c1").state == "bot" and again.get("c2").state == "resolved"
-    assert [m.role for m in again.messages("c1")] == ["customer", "system", "agent", "system"]
-    figures = again.figures()["period"]
-    assert figures["handoff_rate"] == 1.0 and figures["first_reply_p50_s"] is not None
 
 
 def test_roles_tokens_and_slowed_logins(tmp_path):
