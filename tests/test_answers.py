@@ -109,11 +109,13 @@ def test_an_invented_amount_is_replaced_and_never_shown(shop, retriever, tmp_pat
 
 
 def test_a_supported_amount_is_kept(shop, retriever, tmp_path):
-    bot = make_bot(shop, retriever, "Sorry about that! We refund part of it: standard shipping is $8.", tmp_path)
+    answer = "Sorry about that! As your order was already delivered, we refund part of the shipping: standard " \
+        "shipping is $8."
+    bot = make_bot(shop, retriever, answer, tmp_path)
     replies, reply = ask(bot, QUESTION)
     assert not reply.replaced and reply.guard["claims"] == ["$8"] and reply.guard["action"] == "kept"
-    assert reply.text == "Sorry about that! We refund part of it: standard shipping is $8."
-    assert len(replies) > 3  # it streamed
+    assert reply.text == answer
+    assert len(replies) > 3  # it streamed (from the first substantive words on: see guard.StreamGuard)
 
 
 def test_a_decline_despite_evidence_shows_the_evidence_and_the_way_to_a_person(shop, retriever, tmp_path):
