@@ -11,7 +11,7 @@ Three sources, all records in the seed format (history, question, answer, hits s
   fact ("If you have not paid the bill yet, ..." -> "I have not paid the bill yet."); the hits are what the retriever
   finds for that message, and the answer quotes the two evidence units the selector puts first, kept only when the
   unit the message was built from is one of them (else the example would teach a wrong answer). Two, because the
-  fact a customer needs is often in the second unit (measured on the shop questions: the top unit holds it for 83%
+  fact a customer needs is often in the second unit (measured on the shop questions: the top unit holds it for 83-88%
   of them, the top two for 95%), and an adapter trained mostly on one-line answers learned to quote one and stop;
 - **DSTC9 FAQ pairs** (Apache-2.0), 300: an FAQ question with its entity's FAQ entries as passages (the right one and
   others about the same place); the answer is the right entry's answer;

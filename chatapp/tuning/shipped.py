@@ -1,7 +1,8 @@
 """The adapter shipped inside the package: a fresh install answers with a grounded, fine-tuned model, not the bare
 base model.
 
-    .venv/bin/python -m chatapp.tuning.shipped          # trains it with `chatapp tune`'s own code, ~30 min on 2 cores
+    .venv/bin/python -m chatapp.tuning.shipped   # trains it with `chatapp tune`'s own code: ~35 min on 2 idle cores,
+                                                 # 65 min with --threads 1 beside other work
 
 It is an ordinary `chatapp tune` run in a throw-away data directory on the seed records plus the grounded records
 (`chatapp/seed_data/grounded.py`), whose PEFT files and metadata (data hash, metrics, gate, the command) are copied
