@@ -30,6 +30,17 @@ def browser():
         browser.close()
 
 
+def ask(page, text: str) -> None:
+    """Send a message in the customer chat page and wait until the bot's answer has streamed."""
+    before = page.locator("#chatbot [data-testid='bot']").count()
+    page.locator("#message textarea").fill(text)
+    page.locator("#send").click()
+    page.wait_for_function(
+        "n => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > n && "
+        "document.querySelector('#message textarea').value === ''", arg=before, timeout=60_000)
+    page.wait_for_timeout(1500)  # let the stream finish
+
+
 def serve_tab(title: str, tab, bot, auth=None):
     """One staff tab alone in a Blocks on a free port, as its tests drive it: (demo, url)."""
     import gradio as gr

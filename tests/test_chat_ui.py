@@ -9,7 +9,7 @@ import pytest
 from chatapp.bot import Bot
 from chatapp.config import Settings
 from chatapp.ui import build
-from conftest import free_port
+from conftest import ask, free_port
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +27,6 @@ def page(tiny_model_dir: Path, tmp_path_factory, browser):
     yield page
     page.close()
     app.close()
-
-
-def ask(page, text: str) -> None:
-    before = page.locator("#chatbot [data-testid='bot']").count()
-    page.locator("#message textarea").fill(text)
-    page.locator("#send").click()
-    page.wait_for_function(
-        "n => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > n && "
-        "document.querySelector('#message textarea').value === ''", arg=before, timeout=60_000)
-    page.wait_for_timeout(1500)  # let the stream finish
 
 
 def clear(page) -> None:

@@ -14,7 +14,7 @@ from gradio_client import Client
 
 from chatapp.benchutil import message_text, start_app
 from chatapp.config import REPO_ROOT
-from conftest import free_port
+from conftest import ask, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -63,16 +63,6 @@ def replicas(tiny_model_dir: Path, postgres, tmp_path_factory):
             except Exception:
                 app.kill()
         postgres.dropdb(name)
-
-
-def ask(page, text: str) -> None:
-    before = page.locator("#chatbot [data-testid='bot']").count()
-    page.locator("#message textarea").fill(text)
-    page.locator("#send").click()
-    page.wait_for_function(
-        "n => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length > n && "
-        "document.querySelector('#message textarea').value === ''", arg=before, timeout=60_000)
-    page.wait_for_timeout(1500)  # let the stream finish
 
 
 def test_a_correction_on_replica_a_is_replica_bs_next_answer(replicas, browser):
