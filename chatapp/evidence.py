@@ -178,7 +178,8 @@ class EvidenceSelector:
         chunk_rank = {}
         for unit in units:
             chunk_rank.setdefault(unit.parent, len(chunk_rank))
-        qwords = _words(question) or _words(said)
+        said_words = _words(said)
+        qwords = _words(question) or said_words
         vectors = self._embed([f"{u.heading}: {u.text}" for u in units])
         qvec = None
         if vectors is not None:
@@ -192,7 +193,7 @@ class EvidenceSelector:
             if clause:  # "If you have not paid yet, ...": the customer who says so is asking about this unit; squared,
                 # because half a condition ("If you are unhappy with the status" for "my refund status") is not it
                 cwords = _words(clause.group(1))
-                score += 0.3 * (len(cwords & _words(said)) / max(len(cwords), 1)) ** 2
+                score += 0.3 * (len(cwords & said_words) / max(len(cwords), 1)) ** 2
             stated = conditions(f"{unit.text}")
             for axis, values in stated.items():
                 if axis in customer:

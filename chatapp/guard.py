@@ -214,9 +214,13 @@ class StreamGuard:
     def _check(self, sentence: str) -> None:
         self.failed += [c.text for c in claims(sentence) if not any(_matches(c, k) for k in self._known)]
         if not self._answering:
-            said = _sentence_declines(sentence)
-            self.declined = said is True
-            self._answering = said is False
+            self._judge(sentence)
+
+    def _judge(self, sentence: str, complete: bool = True) -> None:
+        """Before the first substantive sentence: does this one decline, answer, or neither yet?"""
+        said = _sentence_declines(sentence, complete)
+        self.declined = said is True
+        self._answering = said is False
 
     def feed(self, text: str) -> str:
         """The prefix of `text` that may be shown now."""
@@ -230,9 +234,7 @@ class StreamGuard:
                 break  # the failed sentence is never shown
             self._checked = match.end()
         if not self._answering and not self.declined and not self.failed:
-            said = _sentence_declines(text[self._checked:], complete=False)  # a long sentence need not end first
-            self.declined = said is True
-            self._answering = said is False
+            self._judge(text[self._checked:], complete=False)  # a long sentence need not end first
         if self.declined or not self._answering:
             return ""  # nothing until the answer is known not to decline
         if self.failed:
