@@ -107,9 +107,10 @@ def build(bot) -> None:
     def refresh(period_value: str, selected: str | None):
         return listed(period_value, selected)
 
-    gr.on(triggers=None, fn=refresh, inputs=[period, topic], outputs=list_outputs, api_name="gaps_refresh")
+    # Page load and a new period. Not the topic: saving clears it, and a refresh on that change would overwrite
+    # the save's "✅ Saved" with a plain count.
+    gr.on(triggers=None, fn=listed, inputs=[period], outputs=list_outputs, api_name="gaps_refresh")
     refresh_btn.click(refresh, inputs=[period, topic], outputs=list_outputs, api_name=False)
-    period.change(refresh, inputs=[period, topic], outputs=list_outputs, api_name=False)
 
     def select(topic_id: str | None, period_value: str):
         if not topic_id:
