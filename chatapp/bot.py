@@ -282,13 +282,16 @@ class Bot:
         known = {f.name for f in fields(gen)}
         template_gen = {k: v for k, v in rendered.generation.items() if k in known and generation.get(k) is None}
         gen = replace(gen, **template_gen)
-        text, shown, first_token = "", "", None
+        # The template's answer_start opens the model's turn (a Chinese answer stays Chinese); the answer includes it.
+        start = rendered.answer_start if getattr(self.model, "continues_answers", False) else ""
+        messages = rendered.messages + ([{"role": "assistant", "content": start}] if start else [])
+        text, shown, first_token = start, "", None
         guard = StreamGuard(self._references(evidence, hits, history, question),
                             hold_declines=bool(evidence) and self.settings.answer.quote_when_declined) \
             if self.settings.answer.guard else None
         meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id,
                     evidence=evidence)
-        pieces = self.model.stream(rendered.messages, gen, session.stop)
+        pieces = self.model.stream(messages, gen, session.stop)
         try:
             for piece in pieces:
                 if first_token is None:

@@ -17,7 +17,6 @@ token ids on both paths) but runs the network in llama.cpp:
   why, and `chatapp.model.load_model` falls back to transformers.
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import codecs
 import collections
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from chatapp.config import GenerationSettings, Settings
 from chatapp.gguf_files import UnsupportedAdapter, base_gguf, import_llama_cpp, merge_peft_adapter, serving_gguf
-from chatapp.model import ModelError
+from chatapp.model import ModelError, chat_template_ids
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +112,8 @@ class LlamaCppModel:
     differs from its slot's tokens: every prompt of a template starts with the same system message, and a repeated
     question (or a client that resends the whole conversation) shares much more.
     """
+
+    continues_answers = True
 
     def __init__(
         self,
@@ -213,10 +214,7 @@ class LlamaCppModel:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids through the transformers tokenizer's chat template: the same ids the transformers path feeds."""
         with self._tokenizer_lock:
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        return list(encoded["input_ids"])
+            return chat_template_ids(self.tokenizer, messages)
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages))

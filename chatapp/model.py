@@ -190,12 +190,22 @@ def base_model_hash(model_dir: Path) -> str:
 # Backends
 
 
+def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt token ids through the model's own chat template. A trailing assistant message is the start of the
+    answer (a template's `answer_start`): its turn is left open for the model to continue, not closed."""
+    opened = bool(messages) and messages[-1].get("role") == "assistant"
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=not opened, continue_final_message=opened,
+                                            tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
 class ChatModel(Protocol):
     """What the bot needs from a model, whatever serves it."""
 
     description: str
     adapter_version: str | None
     context_tokens: int
+    continues_answers: bool  # a trailing assistant message is continued (see chat_template_ids)
 
     def stream(
         self, messages: list[dict], gen: GenerationSettings, stop: threading.Event | None = None
@@ -278,6 +288,8 @@ def _stop_on_event(event: threading.Event | None):
 class TransformersModel:
     """A local causal LM with optional PEFT LoRA adapters, hot-swapped between answers without reloading the base."""
 
+    continues_answers = True
+
     def __init__(self, model_dir: Path, title: str, dtype: str = "fp32", threads: int = 0):
         set_threads(threads)
         self.model_dir = model_dir
@@ -323,12 +335,7 @@ class TransformersModel:
             self.adapter_path, self.adapter_version = path, (version if path is not None else None)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of the prompt through the model's own chat template."""
-        return list(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
+        return chat_template_ids(self.tokenizer, messages)
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt_ids(messages))
@@ -380,6 +387,7 @@ class OpenAIModel:
     """Any OpenAI-compatible chat server, so a team that outgrows one machine keeps the same app."""
 
     context_tokens = 8192
+    continues_answers = False  # servers differ on a trailing assistant message; none is sent
 
     def __init__(self, settings: ModelSettings):
         self.base_url = settings.openai_base_url.rstrip("/")

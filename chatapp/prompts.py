@@ -64,8 +64,8 @@ BUILTIN_VARIABLES = (*COMPUTED_VARIABLES, "bot_name", "company", "date")
 CONTEXT_ITEM_VARIABLES = ("n", "title", "text", "source", "entity", "score")
 GENERATION_LIMITS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "max_new_tokens": (1, 4096),
                      "repetition_penalty": (0.5, 2.0)}
-TOP_LEVEL_FIELDS = ("name", "description", "mode", "system", "user", "variables", "context", "history", "few_shot",
-                    "generation")
+TOP_LEVEL_FIELDS = ("name", "description", "mode", "system", "user", "answer_start", "variables", "context", "history",
+                    "few_shot", "generation")
 ROLE_OF = {"system": "system", "human": "user", "ai": "assistant"}
 
 
@@ -115,6 +115,7 @@ class Rendered:
     mode: str  # the mode actually used ("zero_shot" | "few_shot")
     examples: list[dict]  # few-shot examples chosen
     generation: dict  # the template's generation overrides (temperature, max_new_tokens...), possibly empty
+    answer_start: str = ""  # the words the answer begins with (the model continues them), "" = none
 
 
 @dataclass
@@ -143,6 +144,9 @@ class Template:
     history_max_chars: int = 600
     few_shot: FewShot | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    # Words the answer starts with, given to the model as the start of its own turn. A small model answering a
+    # Chinese question from English evidence otherwise copies the English; starting its turn in Chinese keeps it there.
+    answer_start: str = ""
     version: int = 0
     text: str = ""
 
@@ -333,6 +337,10 @@ def parse_template(
     used = check_placeholders(system, ("system",), known) | (user_vars := check_placeholders(user, ("user",), known))
     if user and "question" not in user_vars:
         add(node_of("user"), "missing variable {question}: the customer's message would never reach the model")
+    answer_start = text_field(data, ("answer_start",), False).strip()
+    check_placeholders(answer_start, ("answer_start",), set())
+    if len(answer_start) > 200:
+        add(node_of("answer_start"), "`answer_start` is the first few words of the answer: at most 200 characters")
     if system and user and "context" not in used:
         add(node_of("user"), "missing variable {context}: retrieved knowledge would not be shown",
             severity="warning")
@@ -412,7 +420,7 @@ def parse_template(
         name=file_name or name or "", system=system, user=user, description=str(data.get("description") or ""),
         mode=mode, variables=variables, context_item=context_item, context_max_chars=context_max,
         context_empty=context_empty, history_turns=history_turns, history_max_chars=history_max,
-        few_shot=few_shot, generation=generation, text=text,
+        few_shot=few_shot, generation=generation, answer_start=answer_start, text=text,
     )
     return template, problems
 
@@ -960,12 +968,17 @@ class PromptManager:
             messages=[{"role": ROLE_OF.get(m.type, m.type), "content": m.content.strip()} for m in messages],
             template=template.name or self.active_name, version=template.version, mode=used_mode,
             examples=[{k: v for k, v in e.items()} for e in chosen], generation=dict(template.generation),
+            answer_start=template.answer_start,
         )
 
     def training_example(self, name: str | None, *, question: str, history: list[dict], hits: list, answer: str,
                          mode: str = "zero_shot") -> dict:
-        """The inference prompt plus the wanted answer, in TRL's conversational SFT format."""
+        """The inference prompt plus the wanted answer, in TRL's conversational SFT format (beginning with the
+        template's `answer_start`, as answers do at inference)."""
         rendered = self.render(name, question=question, history=history, hits=hits, mode=mode)
+        start = rendered.answer_start
+        if start and not answer.startswith(start):
+            answer = start + answer
         return {"messages": rendered.messages + [{"role": "assistant", "content": answer}]}
 
     @staticmethod

@@ -158,6 +158,25 @@ def test_a_chinese_question_the_knowledge_does_not_answer_gets_a_chinese_handoff
     assert reply.handoff == "low_confidence" and reply.text == HANDOFF_REPLY_ZH and not bot.model.prompts
 
 
+def test_a_chinese_answer_starts_in_chinese_on_a_model_that_continues_answers(shop, retriever, tmp_path):
+    """support_zh's answer_start opens the model's turn (so a small model answering from English evidence keeps
+    to Chinese) and is part of the answer shown; a model that cannot continue a turn is not given it."""
+    for continues in (True, False):
+        bot = make_bot(shop, retriever, "Bronze 会员升级隔夜送达需要 $20。", tmp_path)
+        bot.model.continues_answers = continues
+        bot.settings = Settings(data_dir=shop.data_dir)  # its own copy: a model that writes Chinese
+        bot.settings.retrieval.knowledge_dir = shop.retrieval.knowledge_dir
+        bot.settings.model.languages = "en,zh"
+        _, reply = ask(bot, "Overnight shipping 要多少钱？我是 Bronze 会员。")
+        start = bot.prompts.load("support_zh").answer_start
+        prompt = bot.model.prompts[0]
+        assert reply.template == "support_zh" and start.startswith("根据") and not reply.replaced
+        if continues:
+            assert prompt[-1] == {"role": "assistant", "content": start} and reply.text.startswith(start + "Bronze")
+        else:
+            assert prompt[-1]["role"] == "user" and reply.text.startswith("Bronze")
+
+
 def _write_items(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -309,6 +309,14 @@ def test_too_long_prompt_is_a_clear_error(fast: LlamaCppModel):
         list(fast.stream(chat("refund " * 2000), GREEDY))
 
 
+def test_an_answer_start_is_continued_by_the_served_model(fast: LlamaCppModel):
+    """The real model, given the start of its own turn, writes on from it: "We accept" -> a payment method."""
+    opened = chat(QUESTIONS[5]) + [{"role": "assistant", "content": "We accept"}]
+    assert fast.tokenizer.decode(fast.prompt_ids(opened)).endswith("<|im_start|>assistant\nWe accept")
+    rest = "".join(fast.stream(opened, GREEDY))
+    assert rest.strip() and not rest.lstrip().lower().startswith("we accept")
+
+
 def test_sampling_settings_are_honoured(fast: LlamaCppModel):
     short = GenerationSettings(max_new_tokens=5, temperature=0.0, repetition_penalty=1.0)
     assert len(fast.tokenizer(answer(fast, QUESTIONS[3], short))["input_ids"]) <= 6

@@ -66,6 +66,15 @@ def test_prompt_uses_the_models_chat_template(tiny: TransformersModel):
     assert text.rstrip().endswith("<|im_start|>assistant")
 
 
+def test_a_trailing_assistant_message_is_continued_not_closed(tiny: TransformersModel):
+    """A template's answer_start: the model's turn is left open after those words, and the model goes on from them."""
+    opened = MESSAGES + [{"role": "assistant", "content": "根据我们的政策，"}]
+    text = tiny.tokenizer.decode(tiny.prompt_ids(opened))
+    assert text.endswith("<|im_start|>assistant\n根据我们的政策，") and text.count("<|im_start|>assistant") == 1
+    assert tiny.prompt_ids(opened)[:len(tiny.prompt_ids(MESSAGES))] == tiny.prompt_ids(MESSAGES)
+    assert "".join(tiny.stream(opened, GREEDY))  # the model continues from there
+
+
 def test_repetition_guard_stops_loops_not_normal_text():
     guard = _repetition_guard(window=8, repeats=3)
     looping = torch.tensor([[5, 6, 7, 8, 1, 2, 3, 1, 2, 3, 1, 2, 3]])

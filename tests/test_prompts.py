@@ -281,6 +281,20 @@ def test_validation_points_at_unknown_and_missing_variables(prompts):
     assert _problems(prompts, fixed) == []
 
 
+def test_answer_start_is_checked_and_begins_training_answers(prompts):
+    text = "name: demo\nmode: zero_shot\nsystem: Be kind.\nuser: '{context} {question}'\nanswer_start: 'Per {company},'\n"
+    problems = _problems(prompts, text)
+    assert len(problems) == 1 and problems[0][0] == 5 and "{company}" in problems[0][3]
+    assert any("at most 200" in p[3] for p in _problems(prompts, text.replace("Per {company},", "x" * 201)))
+    prompts.save("demo", text.replace("Per {company},", "根据我们的政策，"), "test")
+    args = dict(question="优惠码多久过期？", history=[], hits=[hit("Promo codes expire after 7 days.")])
+    assert prompts.render("demo", **args).answer_start == "根据我们的政策，"
+    example = prompts.training_example("demo", answer="优惠码7天后过期。", **args)
+    assert example["messages"][-1]["content"] == "根据我们的政策，优惠码7天后过期。"
+    again = prompts.training_example("demo", answer="根据我们的政策，七天。", **args)  # already starts with it
+    assert again["messages"][-1]["content"] == "根据我们的政策，七天。"
+
+
 def test_validation_reports_syntax_errors_with_positions(prompts):
     assert _problems(prompts, "system: [unclosed\nuser: x\n")[0][:2] == (2, 5)
     assert "YAML syntax error" in _problems(prompts, "system: a\n  bad: indent\nuser: b\n")[0][3]
