@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chatapp.config import REPO_ROOT, Settings
-from chatapp.guard import unsupported
+from chatapp.guard import reference_texts, unsupported
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "shop_qa" / "dev.jsonl"
 DSTC11_DIR = REPO_ROOT.parent / "shared" / "data" / "dstc11_track5"
@@ -108,9 +108,7 @@ def ask(bot, turns: list[str], **generation: Any) -> tuple[Any, float | None, fl
 
 
 def score_item(item: dict, reply, first: float | None, total: float) -> Outcome:
-    conversation = list(item["turns"])
-    passages = [f"{h.title} {h.text} {h.answer or ''}" for h in reply.citations]
-    _, missing = unsupported(reply.text, passages + conversation)
+    _, missing = unsupported(reply.text, reference_texts([], reply.citations, item["turns"]))
     return Outcome(
         id=item["id"], language=language(" ".join(item["turns"])), turns=item["turns"], answer=reply.text,
         correct=is_correct(reply.text, item["facts"]), unsupported=[c.text for c in missing], replaced=reply.replaced,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from chatapp.config import Settings
-from chatapp.guard import StreamGuard
+from chatapp.guard import StreamGuard, reference_texts
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class Bot:
         start = rendered.answer_start if getattr(self.model, "continues_answers", False) else ""
         messages = rendered.messages + ([{"role": "assistant", "content": start}] if start else [])
         text, shown, first_token = start, "", None
-        guard = StreamGuard(self._references(evidence, hits, history, question),
+        guard = StreamGuard(reference_texts(evidence, hits, [*history, question]),
                             hold_declines=bool(evidence) and self.settings.answer.quote_when_declined) \
             if self.settings.answer.guard else None
         meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id,
@@ -324,14 +324,6 @@ class Bot:
             reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
             first_token=first_token,
         )
-
-    @staticmethod
-    def _references(evidence: list, hits: list, history: list[dict], question: str) -> list[str]:
-        """What an answer's claims may rest on: the quoted evidence, the cited passages and the conversation."""
-        texts = [f"{e.title} {e.text}" for e in evidence]
-        texts += [f"{h.title} {h.text} {h.answer or ''}" for h in hits]
-        texts += [str(m.get("content") or "") for m in history if isinstance(m, dict)]
-        return texts + [question]
 
     def replacement(self, evidence: list, question: str, declined: bool = False) -> tuple[str, str]:
         """The answer shown instead of an unsupported or declined one: the evidence quoted with its citation (and,

@@ -1,7 +1,8 @@
 """The faithfulness guard: an answer's checkable claims must be in the evidence or the conversation.
 
 A small model's fluent wrong answer ("the standard refund is $12") is worse than a handoff, and the claims that hurt a
-shop are the checkable ones: amounts, percentages, durations, counts, membership levels and offers (free, discount).
+shop are the checkable ones: amounts, percentages, durations, counts, membership levels and offers (free, discount),
+and a policy's yes or no (a sentence of the evidence repeated with its "not" dropped or added).
 Each is parsed to a canonical value ("$8", "$8.00", "8 dollars" and "eight dollars" are all money 8; "6 months" and
 "六个月" are 180 days) and looked up among the claims of the evidence the prompt quoted and of the conversation. An
 answer with any unsupported claim is not shown as the bot's own: `Bot` replaces it with the evidence itself, quoted
@@ -22,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from collections.abc import Iterable
+
+from chatapp.evidence import STOP
 
 NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
@@ -63,6 +66,19 @@ DECLINE = re.compile(r"\b(?:i'?m not sure|i am not sure|(?:i'd|i would) rather n
                      r"i (?:do not|don't) (?:have|know)\b|i (?:can ?not|can't) (?:help|answer)|"
                      r"(?:no|any) (?:specific )?(?:details|information) (?:available|about|on)\b)"
                      r"|我不确定|我不清楚|无法回答|没有(?:相关|找到)(?:的)?(?:资料|信息)|不想乱猜", re.I)
+# Polarity: a small model repeats a policy's sentence with its "not" dropped or added ("Bronze and Guest members can get
+# an extension" from "... cannot get an extension"). A clause of the answer that says what a clause of the references
+# says, word for word (POLARITY_SHARE of its content words, at least POLARITY_WORDS), but with the opposite negation
+# and no reference clause of its own polarity, is an unsupported claim. Whole sentences are compared as well as their
+# clauses ("once it is in transit, the date can be changed"), and a reference sentence that mixes both polarities
+# ("Gold members get it at once; other members do not") has a clause of each to match. English only: a Chinese answer paraphrases
+# the English evidence, so its words cannot be matched.
+NEGATION = re.compile(r"\b(?:not|never|cannot|no longer|nothing|neither|nor|unable)\b|n't\b", re.I)
+CLAUSE = re.compile(r"[;:,.!?]+(?:\s+|$)|\s+(?:but|while|whereas|although|though)\s+", re.I)
+CONTENT_WORD = re.compile(r"[a-z0-9$%]+")
+CONTRACTED = frozenset("can won don doesn isn aren didn wasn weren haven hasn couldn shouldn wouldn".split())
+POLARITY_WORDS = 3
+POLARITY_SHARE = 0.8
 SUBSTANTIVE_WORDS = 6  # a sentence this long that does not decline is an answer ("We're happy to help!" is not)
 SUBSTANTIVE_CJK = 10  # ... and in Chinese, this many characters
 SUBSTANTIVE_CHARS = 40  # ... or this long at all (text without spaces)
@@ -71,7 +87,7 @@ SENTENCE = re.compile(r"(?:[^.!?。！？\n]|\.(?=\d))*(?:[.!?。！？]+(?=\s|$
 
 @dataclass(frozen=True)
 class Claim:
-    kind: str  # money | percent | duration | number | level | offer
+    kind: str  # money | percent | duration | number | level | offer | polarity
     value: float | str  # money/percent/number: the amount; duration: days; level/offer: its name
     text: str  # as written
 
@@ -166,11 +182,58 @@ def _matches(claim: Claim, reference: Claim) -> bool:
     return abs(float(claim.value) - float(reference.value)) < 1e-6  # money/percent/number: the amount is the claim
 
 
+def _content(clause: str) -> frozenset[str]:
+    words = CONTENT_WORD.findall(NEGATION.sub(" ", clause.lower()))
+    return frozenset(w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words
+                     if w not in STOP and w not in CONTRACTED)
+
+
+def _sentences(text: str) -> list[str]:
+    return [m.group(0).strip() for m in SENTENCE.finditer((text or "") + "\n") if m.group(0).strip()]
+
+
+def _clauses(sentence: str) -> list[str]:
+    parts = [c.strip() for c in CLAUSE.split(sentence) if c.strip()]
+    return parts if len(parts) > 1 else []
+
+
+def polarity_clauses(texts: Iterable[str]) -> list[tuple[frozenset[str], bool]]:
+    """Each sentence and clause of the texts as (content words, negated)."""
+    return [(_content(part), bool(NEGATION.search(part)))
+            for text in texts for sentence in _sentences(text) for part in [sentence, *_clauses(sentence)]]
+
+
+def flipped(answer: str, references: list[tuple[frozenset[str], bool]]) -> list[Claim]:
+    """The answer's sentences (or, failing that, clauses) that repeat a reference with the opposite negation."""
+    def flips(part: str) -> bool:
+        words = _content(part)
+        if len(words) < POLARITY_WORDS:
+            return False
+        same = [n for ref, n in references if len(words & ref) >= POLARITY_SHARE * len(words)]
+        return bool(same) and bool(NEGATION.search(part)) not in same
+
+    found = []
+    for sentence in _sentences(answer):
+        parts = [sentence] if flips(sentence) else [c for c in _clauses(sentence) if flips(c)]
+        found += [Claim("polarity", "flipped", part.rstrip(".!?;:, ")) for part in parts]
+    return found
+
+
+def reference_texts(evidence: Iterable, hits: Iterable, conversation: Iterable[dict | str]) -> list[str]:
+    """What an answer's claims may rest on: the quoted evidence, the cited passages and the conversation. A heading
+    is a text of its own: "My promo code is not valid" must not join the sentence after it."""
+    texts = [part for e in evidence for part in (e.title, e.text)]
+    texts += [part for h in hits for part in (h.title, h.text, h.answer or "")]
+    return texts + [str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in conversation]
+
+
 def unsupported(answer: str, references: Iterable[str]) -> tuple[list[Claim], list[Claim]]:
     """(all claims of the answer, those found in no reference text)."""
+    references = list(references)
     known = [c for text in references for c in claims(text)]
     mine = claims(answer)
-    return mine, [c for c in mine if not any(_matches(c, k) for k in known)]
+    return mine, [c for c in mine if not any(_matches(c, k) for k in known)] + flipped(answer,
+                                                                                      polarity_clauses(references))
 
 
 def _sentence_declines(sentence: str, complete: bool = True) -> bool | None:
@@ -205,6 +268,7 @@ class StreamGuard:
     def __init__(self, references: Iterable[str], hold_declines: bool = False):
         self.references = list(references)
         self._known = [c for text in self.references for c in claims(text)]
+        self._clauses = polarity_clauses(self.references)
         self.failed: list[str] = []
         self.declined = False  # with hold_declines: a decline came before any substantive sentence
         self.hold_declines = hold_declines
@@ -213,6 +277,7 @@ class StreamGuard:
 
     def _check(self, sentence: str) -> None:
         self.failed += [c.text for c in claims(sentence) if not any(_matches(c, k) for k in self._known)]
+        self.failed += [c.text for c in flipped(sentence, self._clauses)]
         if not self._answering:
             self._judge(sentence)
 

@@ -35,6 +35,37 @@ def test_the_conversation_supports_what_the_customer_said():
     assert not check("You were overcharged by $5.", ["I was overcharged."]).supported
 
 
+POLICY = ["Bronze and Guest members cannot get an extension. You can ask for a manager to call you back.",
+          "Gold members get the refund at once; other members do not.",
+          "Once it is in transit, the date can no longer be changed."]
+
+
+@pytest.mark.parametrize("answer, flipped", [
+    ("Bronze and Guest members can get an extension.", "Bronze and Guest members can get an extension"),
+    ("Once it is in transit, the date can still be changed.", "the date can still be changed"),
+    ("You cannot ask for a manager to call you back.", "You cannot ask for a manager to call you back"),
+])
+def test_a_policy_repeated_with_its_negation_flipped_is_flagged(answer, flipped):
+    assert any(flipped in claim for claim in check(answer, POLICY).unsupported)
+
+
+@pytest.mark.parametrize("answer", [
+    "Bronze and Guest members can't get an extension, but you can ask for a manager to call you back.",
+    "Unfortunately, as a Bronze member you cannot get an extension.",
+    "Gold members get the refund at once.",  # the other clause of that sentence is the negated one
+    "No, the date can no longer be changed once it is in transit.",
+    "We can help: ask us and we check your order.",  # says nothing the references say
+])
+def test_a_policy_repeated_with_its_own_polarity_is_kept(answer):
+    assert check(answer, POLICY).supported, check(answer, POLICY).unsupported
+
+
+def test_stream_guard_never_shows_a_flipped_policy():
+    guard = StreamGuard(POLICY)
+    assert guard.feed("Bronze and Guest members can get an extension. Anything else?") == ""
+    assert guard.failed == ["Bronze and Guest members can get an extension"]
+
+
 def test_amounts_are_canonical():
     assert [c.value for c in claims("$8, $8.00, 8 dollars, eight dollars, 8元")] == [8.0] * 5
     assert [c.value for c in claims("6 months, six months, 六个月, 180 days")] == [180.0] * 4
