@@ -3,13 +3,14 @@ that turns (question, history, retrieved hits) into chat messages -- for inferen
 
 One module per job: `template` (parsing, validation with positions, the public types), `examples` (banks,
 embedding cache, selectors), `render` (context, history, the langchain-core prompts), `manager` (PromptManager),
-`files` (atomic writes, file locks), `cli` (`chatapp prompts ...`).
+`versions` (saved versions and the active template, in the database), `files` (atomic writes, file locks), `cli`
+(`chatapp prompts ...`).
 
 Why it is shaped like this:
 - Templates are data, never code (see `template`).
-- Shipped templates in prompts/ are read-only at run time. An edit becomes a numbered version under
-  `settings.prompt_versions_dir`, written atomically under a file lock, with a conflict reported when the editor's
-  base version is stale. Runtime state therefore never touches tracked files, and nothing is ever overwritten.
+- Shipped templates in prompts/ are read-only at run time. An edit becomes a numbered version in the app's database
+  (one row, never changed), with a conflict reported when the editor's base version is stale, on every replica.
+  Runtime state therefore never touches tracked files, and nothing is ever overwritten.
 - Example banks are JSONL (one example a line, easy to append to). Run-time additions (corrections) go into a copy
   in the app's database (chatapp/example_banks.py) and are picked up by the selectors on the next render, on every
   replica.

@@ -119,7 +119,8 @@ def cmd_render(prompts: PromptManager, args) -> int:
 @_guard
 def cmd_history(prompts: PromptManager, args) -> int:
     for entry in prompts.history(args.name):
-        print(f"v{entry['version']:<4d} {entry['time']:25s} {entry['message']}")
+        by = f" ({entry['author']})" if entry["author"] else ""
+        print(f"v{entry['version']:<4d} {entry['time']:25s} {entry['message']}{by}")
 
 
 @_guard

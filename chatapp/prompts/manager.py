@@ -29,7 +29,6 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from chatapp.config import Settings
 from chatapp.example_banks import BankStore, BankStoreError, revision_of
 from chatapp.prompts.examples import Bank, CachedEmbeddings, FixedExampleSelector, parse_bank
-from chatapp.prompts.files import atomic_write, file_lock
 from chatapp.prompts.render import clip, compile_template, format_context, recent_history
 from chatapp.prompts.template import (
     COMPUTED_VARIABLES,
@@ -40,10 +39,10 @@ from chatapp.prompts.template import (
     PromptError,
     Rendered,
     Template,
-    VersionConflict,
     check_name,
     parse_template,
 )
+from chatapp.prompts.versions import Snapshot, VersionStore, iso
 
 if TYPE_CHECKING:
     from chatapp.embeddings import Embedder
@@ -57,7 +56,10 @@ class PromptManager:
     def __init__(self, settings: Settings, embedder: "Embedder | None" = None):
         self.settings = settings
         self.prompts_dir = Path(settings.prompts.prompts_dir)
-        self.versions_dir = Path(settings.prompt_versions_dir)
+        self.legacy_versions_dir = Path(settings.prompt_versions_dir)  # where versions were before the database
+        self._version_store: VersionStore | None = None
+        self._last_state = Snapshot(None, None, {})
+        self._db_reported: str | None = None
         self.banks_dir = Path(settings.data_dir) / "prompt_banks"  # where banks were before the database (imported)
         self._bank_store: BankStore | None = None
         self._embedder: CachedEmbeddings | None = CachedEmbeddings(embedder) if embedder is not None else None
@@ -83,55 +85,71 @@ class PromptManager:
                     log.warning("prompts: no embedder (%s); few-shot selection falls back to fixed", exc)
             return self._embedder
 
-    # ---- templates: names, files, versions
+    # ---- templates: shipped files, saved versions (chatapp/prompts/versions.py), the active one
+
+    @property
+    def versions(self) -> VersionStore:
+        """The saved versions in the database (opened on first use, which imports a legacy version folder once)."""
+        with self._lock:
+            if self._version_store is None:
+                self._version_store = VersionStore(self.settings.database, self.settings.feedback.busy_timeout_s,
+                                                   legacy_dir=self.legacy_versions_dir)
+            return self._version_store
+
+    def _state(self) -> Snapshot:
+        """The active template and latest versions as every replica has them now (one small read per call). If the
+        database cannot be read, the last state read is kept (before any: the shipped files), so answers go on."""
+        try:
+            state = self.versions.snapshot()
+        except PromptError as exc:
+            if self._db_reported != str(exc):  # once per distinct failure, not before every answer
+                log.error("%s: rendering with the template versions read last", exc)
+                self._db_reported = str(exc)
+            return self._last_state
+        self._last_state, self._db_reported = state, None
+        return state
 
     def _shipped(self, name: str) -> Path:
         return self.prompts_dir / f"{check_name(name)}.yaml"
 
-    def _dir(self, name: str) -> Path:
-        return self.versions_dir / check_name(name)
-
-    def _saved_versions(self, name: str) -> list[int]:
-        folder = self._dir(name)
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.stem[1:]) for p in folder.glob("v[0-9][0-9][0-9][0-9]*.yaml") if p.stem[1:].isdigit())
+    def _latest(self, name: str, state: Snapshot) -> int:
+        return state.latest.get(name) or (1 if self._shipped(name).is_file() else 0)
 
     def latest_version(self, name: str) -> int:
         """0 = no such template; 1 = the shipped file (until saved versions exist)."""
-        saved = self._saved_versions(name)
-        if saved:
-            return saved[-1]
-        return 1 if self._shipped(name).is_file() else 0
+        return self._latest(check_name(name), self._state())
 
     def names(self) -> list[str]:
-        found = {p.stem for p in self.prompts_dir.glob("*.yaml") if NAME_RE.fullmatch(p.stem)}
-        if self.versions_dir.is_dir():
-            found |= {p.name for p in self.versions_dir.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir()}
-        return sorted(n for n in found if self.latest_version(n) > 0)
+        state = self._state()
+        found = {p.stem for p in self.prompts_dir.glob("*.yaml") if NAME_RE.fullmatch(p.stem)} | set(state.latest)
+        return sorted(n for n in found if NAME_RE.fullmatch(n) and self._latest(n, state) > 0)
 
     def text(self, name: str, version: int | None = None) -> str:
-        latest = self.latest_version(name)
+        return self._text(check_name(name), version, self._state())
+
+    def _text(self, name: str, version: int | None, state: Snapshot) -> str:
+        latest = self._latest(name, state)
         if latest == 0:
             raise PromptError(f"no template named {name!r} (known: {', '.join(self.names()) or 'none'})")
         version = latest if version is None else int(version)
-        saved = self._dir(name) / f"v{version:04d}.yaml"
-        if saved.is_file():
-            return saved.read_text(encoding="utf-8")
+        if 1 <= version <= state.latest.get(name, 0):
+            saved = self.versions.text(name, version)
+            if saved is not None:
+                return saved
         if version == 1 and self._shipped(name).is_file():
             return self._shipped(name).read_text(encoding="utf-8")
         raise PromptError(f"template {name!r} has no version {version} (latest is {latest})")
 
     def history(self, name: str) -> list[dict]:
-        """Versions oldest first: {version, time, message}."""
+        """Versions oldest first: {version, time, message, author}."""
+        saved = self.versions.history(check_name(name))
         out = []
-        if self._shipped(name).is_file() and 1 not in self._saved_versions(name):
+        if self._shipped(name).is_file() and not any(v.version == 1 for v in saved):
             mtime = self._shipped(name).stat().st_mtime
-            out.append({"version": 1, "time": _iso(mtime), "message": "shipped default"})
-        for version in self._saved_versions(name):
-            meta_path = self._dir(name) / f"v{version:04d}.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-            out.append({"version": version, "time": meta.get("time", ""), "message": meta.get("message", "")})
+            out.append({"version": 1, "time": iso(mtime), "message": "shipped default", "author": ""})
+        for v in saved:
+            out.append({"version": v.version, "time": iso(v.created_at), "message": v.message,
+                        "author": v.author or ""})
         return out
 
     def diff(self, name: str, a: int, b: int) -> str:
@@ -143,60 +161,48 @@ class PromptManager:
     def validate(self, text: str, name: str | None = None) -> list[Problem]:
         return parse_template(text, name, self.bank_exists)[1]
 
-    def save(self, name: str, text: str, message: str = "", base_version: int | None = None) -> int:
+    def save(self, name: str, text: str, message: str = "", base_version: int | None = None,
+             author: str | None = None) -> int:
         """Store `text` as the next version; returns its number. Invalid text raises PromptError (nothing
         written); a stale `base_version` raises VersionConflict (nothing written); unchanged text saves nothing."""
         check_name(name)
         template, problems = parse_template(text, name, self.bank_exists)
         if template is None:
             raise PromptError(f"template {name!r} not saved: it has errors", [p for p in problems if p.severity == "error"])
-        folder = self._dir(name)
-        with self._lock, file_lock(self.versions_dir / f".{name}.lock"):
-            latest = self.latest_version(name)
-            if base_version is not None and int(base_version) != latest:
-                raise VersionConflict(name, int(base_version), latest)
-            if latest and self.text(name, latest) == text:
-                return latest
-            if latest == 1 and not self._saved_versions(name):  # freeze the shipped text as version 1
-                self._write_version(folder, 1, self._shipped(name).read_text(encoding="utf-8"), "shipped default")
-            version = latest + 1
-            self._write_version(folder, version, text, message, base_version)
-        return version
+        shipped = self._shipped(name)
+        return self.versions.save(name, text, message, base_version, author,
+                                  shipped=shipped.read_text(encoding="utf-8") if shipped.is_file() else None)
 
-    def _write_version(self, folder: Path, version: int, text: str, message: str, base: int | None = None) -> None:
-        meta = {"version": version, "time": _iso(time.time()), "message": str(message or "")[:500],
-                "base_version": base, "sha256": hashlib.sha256(text.encode()).hexdigest()}
-        atomic_write(folder / f"v{version:04d}.json", json.dumps(meta, indent=1))
-        atomic_write(folder / f"v{version:04d}.yaml", text)  # last: a version exists once its text does
-
-    def revert(self, name: str, version: int, message: str = "") -> int:
+    def revert(self, name: str, version: int, message: str = "", author: str | None = None) -> int:
         """A new version whose text is `version`'s: history only grows, so a revert can itself be reverted."""
-        return self.save(name, self.text(name, version), message or f"revert to version {version}")
+        return self.save(name, self.text(name, version), message or f"revert to version {version}", author=author)
 
     @property
     def active_name(self) -> str:
         """The template used when render() gets name=None: the last activated (persisted), else the configured."""
-        path = self.versions_dir / "active.json"
-        try:
-            name = json.loads(path.read_text())["name"]
-            if NAME_RE.fullmatch(name) and self.latest_version(name):
-                return name
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        return self._active(self._state())
+
+    def _active(self, state: Snapshot) -> str:
+        name = state.active
+        if name and NAME_RE.fullmatch(name) and self._latest(name, state):
+            return name
         return self.settings.prompts.template
 
-    def activate(self, name: str) -> None:
+    def activate(self, name: str, author: str | None = None) -> None:
         self.load(name)  # refuses unknown or broken templates
-        atomic_write(self.versions_dir / "active.json", json.dumps({"name": name, "time": _iso(time.time())}))
+        self.versions.activate(name, author)
         self.settings.prompts.template = name
 
     def load(self, name: str | None = None, version: int | None = None) -> Template:
         return self._compiled(name, version)[0]
 
     def _compiled(self, name: str | None, version: int | None = None):
-        name = check_name(self.active_name if name is None else name)
-        version = version or self.latest_version(name)
-        text = self.text(name, version)
+        if name is not None:
+            check_name(name)  # before the database is opened: a bad name touches nothing
+        state = self._state()
+        name = check_name(self._active(state) if name is None else name)
+        version = version or self._latest(name, state)
+        text = self._text(name, version, state)
         key = (name, version)
         signature = (hashlib.sha1(text.encode()).hexdigest(),)
         with self._lock:
@@ -334,7 +340,7 @@ class PromptManager:
         check_name(bank, "bank")
         example_id = f"{re.sub(r'[^A-Za-z0-9_-]', '', source)[:20] or 'ex'}-{uuid.uuid4().hex[:10]}"
         row = {"id": example_id, "question": question[:2000], "context": (context or "")[:2000],
-               "answer": answer[:4000], "source": source, "curated": True, "time": _iso(time.time())}
+               "answer": answer[:4000], "source": source, "curated": True, "time": iso(time.time())}
         def change(current: str | None) -> str:
             current = self._shipped_text(bank) if current is None else current
             if current and not current.endswith("\n"):
@@ -457,10 +463,6 @@ class PromptManager:
         """The inference prompt plus the wanted answer, in TRL's conversational SFT format."""
         rendered = self.render(name, question=question, history=history, hits=hits, mode=mode)
         return {"messages": rendered.messages + [{"role": "assistant", "content": answer}]}
-
-
-def _iso(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
 def _normalise(text: str) -> str:
