@@ -60,8 +60,8 @@ def test_save_history_diff_revert_activate(tmp_path, db_target):
     assert prompts.save("support", edited, "shorter", base_version=1, author="alice") == 2
     assert prompts.save("support", edited, "no change") == 2  # identical text: no new version
     history = prompts.history("support")
-    assert [(h["version"], h["message"], h["author"]) for h in history] == [
-        (1, "shipped default", ""), (2, "shorter", "alice")]
+    assert [(h["version"], h["message"], h["author"], h["base_version"]) for h in history] == [
+        (1, "shipped default", "", None), (2, "shorter", "alice", 1)]
     assert f"-  customer with a person. {OLD_WORDING}" in prompts.diff("support", 1, 2)
     assert f"+  customer with a person. {NEW_WORDING}" in prompts.diff("support", 1, 2)
     out = render(prompts)

@@ -141,15 +141,16 @@ class PromptManager:
         raise PromptError(f"template {name!r} has no version {version} (latest is {latest})")
 
     def history(self, name: str) -> list[dict]:
-        """Versions oldest first: {version, time, message, author}."""
+        """Versions oldest first: {version, time, message, author, base_version}."""
         saved = self.versions.history(check_name(name))
         out = []
         if self._shipped(name).is_file() and not any(v.version == 1 for v in saved):
             mtime = self._shipped(name).stat().st_mtime
-            out.append({"version": 1, "time": iso(mtime), "message": "shipped default", "author": ""})
+            out.append({"version": 1, "time": iso(mtime), "message": "shipped default", "author": "",
+                        "base_version": None})
         for v in saved:
             out.append({"version": v.version, "time": iso(v.created_at), "message": v.message,
-                        "author": v.author or ""})
+                        "author": v.author or "", "base_version": v.base_version})
         return out
 
     def diff(self, name: str, a: int, b: int) -> str:

@@ -69,24 +69,20 @@ class VersionStore:
     """Saved template versions and the active template in the database. Thread-safe; one per PromptManager."""
 
     def __init__(self, target: Path | str, busy_timeout_s: float = 5.0, legacy_dir: Path | None = None):
-        self._db: Database | None = None
+        db: Database | None = None
         try:
-            self._db = open_database(target, busy_timeout_s, pool_size=2, pooled_reads=True)
-            migrate(self._db)
+            db = open_database(target, busy_timeout_s, pool_size=2, pooled_reads=True)
+            migrate(db)
         except (*DB_ERRORS, StorageError) as exc:
-            if self._db is not None:
-                self._db.dispose()  # the next try (the next render) opens the file or server afresh
-            raise _failure("cannot be used", exc, self._db) from exc
+            if db is not None:
+                db.dispose()  # the next try (the next render) opens the file or server afresh
+            raise _failure("cannot be used", exc, db) from exc
+        self.db = db
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._texts: dict[tuple[str, int], str] = {}
         if legacy_dir is not None and legacy_dir.is_dir():
             self._import(legacy_dir)
-
-    @property
-    def db(self) -> Database:
-        assert self._db is not None  # set, or __init__ raised
-        return self._db
 
     def _reading(self) -> sa.Connection:
         return (self.db.reader if self.db.is_sqlite else self.db.engine).connect()
@@ -166,10 +162,10 @@ class VersionStore:
                         if saved else shipped
                     if latest and current == text:
                         return latest
-                    now = time.time()
-                    rows = [{"name": name, "version": 1, "text": shipped, "message": "shipped default",
-                             "base_version": None, "author": None, "created_at": now}] \
-                        if not saved and shipped is not None else []
+                    now, rows = time.time(), []
+                    if not saved and shipped is not None:  # freeze the shipped text as version 1
+                        rows.append({"name": name, "version": 1, "text": shipped, "message": "shipped default",
+                                     "base_version": None, "author": None, "created_at": now})
                     rows.append({"name": name, "version": latest + 1, "text": text, "message": str(message or "")[:500],
                                  "base_version": base_version, "author": author, "created_at": now})
                     conn.execute(sa.insert(prompt_versions), rows)
@@ -192,9 +188,12 @@ class VersionStore:
 
     def _put(self, conn: sa.Connection, key: str, value: str, replace: bool = True) -> None:
         stmt = self.db.insert(app_state).values(key=key, value=value, updated_at=time.time())
-        conn.execute(stmt.on_conflict_do_update(index_elements=[app_state.c.key], set_={
-            "value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at})
-                     if replace else stmt.on_conflict_do_nothing(index_elements=[app_state.c.key]))
+        if replace:
+            stmt = stmt.on_conflict_do_update(index_elements=[app_state.c.key], set_={
+                "value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=[app_state.c.key])
+        conn.execute(stmt)
 
     def _touch(self, conn: sa.Connection) -> None:
         """A new revision token, in the saving transaction: whoever sees it also sees the save."""
