@@ -219,6 +219,7 @@ class Settings:
 
     @property
     def prompt_versions_dir(self) -> Path:
+        """Where saved prompt versions were before the database (chatapp/prompts/versions.py imports them once)."""
         return self.shared / "prompt_versions"
 
     @classmethod

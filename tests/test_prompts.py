@@ -382,9 +382,13 @@ def test_save_history_diff_revert_activate(prompts, settings, embedder):
     assert out.version == 2 and "Never invent anything." in out.messages[0]["content"]
     assert prompts.revert("support", 1) == 3 and prompts.text("support") == shipped
     assert prompts.history("support")[-1]["message"] == "revert to version 1"
-    # the shipped file is never written; versions live under data_dir
+    # the shipped file is never written; versions live in the app's database (no files)
     assert (REPO_ROOT / "prompts" / "support.yaml").read_text() == shipped
-    assert (settings.prompt_versions_dir / "support" / "v0002.yaml").read_text() == edited
+    with sqlite3.connect(settings.feedback_db) as conn:
+        assert conn.execute("SELECT text, message FROM prompt_versions WHERE name = 'support' AND version = 2"
+                            ).fetchone() == (edited, "shorter answers")
+    conn.close()
+    assert not settings.prompt_versions_dir.exists()
     # activation persists and is seen by other managers (other sessions, the CLI)
     prompts.activate("support_zero_shot")
     other = PromptManager(settings, embedder)
@@ -434,7 +438,7 @@ def test_concurrent_saves_never_corrupt(prompts, settings, embedder):
     [t.join() for t in threads]
     assert list(results.values()) == [9] and len(errors) == 7
     assert prompts.text("race") == texts[next(iter(results))]
-    assert not list((settings.prompt_versions_dir / "race").glob("*.tmp"))
+    assert [h["version"] for h in prompts.history("race")] == list(range(1, 10))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -147,8 +147,20 @@ def _v6_chunk_embeddings(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
+def _v7_prompt_versions(conn: Connection) -> None:
+    """Saved prompt template versions, so every replica renders and edits the same ones (they were files)."""
+    md = sa.MetaData()
+    sa.Table("prompt_versions", md, sa.Column("name", sa.Text, primary_key=True),
+             sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+             sa.Column("text", sa.Text, nullable=False),
+             sa.Column("message", sa.Text, nullable=False, server_default=""),
+             sa.Column("base_version", sa.Integer), sa.Column("author", sa.Text),
+             sa.Column("created_at", sa.Double, nullable=False))
+    md.create_all(conn, checkfirst=False)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1_feedback, _v2_guard, _v3_inbox, _v4_shared_state,
-                                                   _v5_example_banks, _v6_chunk_embeddings]
+                                                   _v5_example_banks, _v6_chunk_embeddings, _v7_prompt_versions]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

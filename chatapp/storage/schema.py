@@ -156,3 +156,16 @@ chunk_embeddings = sa.Table(
     sa.Column("vectors", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Double, nullable=False),
 )
+
+# Saved prompt template versions (the shipped prompts/*.yaml stay files; version 1 until an edit is saved). The
+# primary key is what makes saving race-free across replicas: two saves of one version number cannot both commit.
+prompt_versions = sa.Table(
+    "prompt_versions", metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("text", SafeText, nullable=False),
+    sa.Column("message", SafeText, nullable=False, server_default=""),
+    sa.Column("base_version", sa.Integer),
+    sa.Column("author", SafeText),
+    sa.Column("created_at", sa.Double, nullable=False),
+)

@@ -159,7 +159,8 @@ def build(bot) -> None:
                     "it, or choose a new name.", gr.skip(), gr.skip(), gr.skip(), gr.skip())
         base = state["base"] if name == state["name"] else 0  # 0: must still be new when saved
         try:
-            version = prompts.save(name, text or "", msg or "", base_version=base)
+            version = prompts.save(name, text or "", msg or "", base_version=base,
+                                   author=getattr(request, "username", None))
         except VersionConflict as exc:
             return gr.skip(), gr.skip(), f"⚠️ {_escape(exc)}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except PromptError as exc:
@@ -174,7 +175,7 @@ def build(bot) -> None:
         if not bot.is_admin(request):
             return READ_ONLY
         try:
-            prompts.activate(state["name"])
+            prompts.activate(state["name"], author=getattr(request, "username", None))
         except PromptError as exc:
             return f"❌ {_escape(exc)}"
         return f"✅ Active template: **{_escape(state['name'])}** (used from the next message on)"
@@ -189,7 +190,7 @@ def build(bot) -> None:
         if not bot.is_admin(request):
             return gr.skip(), gr.skip(), READ_ONLY, gr.skip(), gr.skip()
         try:
-            new = prompts.revert(state["name"], int(version or 0))
+            new = prompts.revert(state["name"], int(version or 0), author=getattr(request, "username", None))
         except (PromptError, ValueError) as exc:
             return gr.skip(), gr.skip(), f"❌ {_escape(exc)}", gr.skip(), gr.skip()
         return (prompts.text(state["name"]), {"name": state["name"], "base": new},
