@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -26,6 +26,9 @@ from chatapp.config import Settings
 from chatapp.embeddings import Embedder
 from chatapp.knowledge import Chunk, Problems, parse_file, read_text, scan_folder
 from chatapp.lexical import BM25Index, EntityMatcher
+
+if TYPE_CHECKING:
+    from chatapp.shared_knowledge import KnowledgeSync, SyncReport
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class IngestReport:
     rebuilt: str | None = None  # why everything was re-embedded, if it was
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    sync: "SyncReport | None" = None  # the knowledge folder synced with the database first (several replicas)
 
     @property
     def changed_anything(self) -> bool:
@@ -56,6 +60,9 @@ class IngestReport:
         parts.append(f"{len(self.added)} files added, {len(self.changed)} changed, {len(self.removed)} removed, "
                      f"{self.unchanged} unchanged; {self.embedded_chunks} chunks embedded in {self.seconds:.1f} s"
                      + (f" ({self.shared_chunks} more from the shared database)" if self.shared_chunks else ""))
+        if self.sync is not None and not self.sync.error and (self.sync.published or self.sync.written
+                                                               or self.sync.removed):
+            parts.append(self.sync.summary())
         if self.warnings:
             parts.append(f"{len(self.warnings)} warnings")
         return "; ".join(parts)
@@ -214,15 +221,21 @@ def _embed_views(embedder: Embedder, chunks: list[Chunk], progress: bool, batch:
 
 
 def ingest(settings: Settings, embedder: Embedder, current: IndexData | None = None, progress: bool = False,
-           store: IndexStore | None = None) -> tuple[IndexData, IngestReport]:
+           store: IndexStore | None = None,
+           knowledge: "KnowledgeSync | None" = None) -> tuple[IndexData, IngestReport]:
     """Bring the index in line with the knowledge folder: only files whose content hash changed are re-read, and of
-    those only the chunks whose text is new are embedded."""
+    those only the chunks whose text is new are embedded. With ``knowledge`` (several replicas) the folder is first
+    synced with the database's documents (chatapp/shared_knowledge.py)."""
     started = time.perf_counter()
     rs = settings.retrieval
     store = store or IndexStore(settings.index_dir)
     report = IngestReport()
     problems = Problems()
     key = _settings_key(settings, embedder)
+    if knowledge is not None:
+        report.sync = knowledge.sync()
+        if report.sync.error:
+            problems.add(report.sync.error)
     if current is not None and current.key and current.key != key:  # settings changed while running
         changed = [f"{k} {current.key.get(k)} -> {key[k]}" for k in key if current.key.get(k) != key[k]]
         report.rebuilt = "settings changed (" + ", ".join(changed) + "): re-embedding everything"

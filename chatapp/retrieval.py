@@ -36,7 +36,7 @@ import functools
 import re
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from chatapp.embeddings import Embedder, load_embedder
 from chatapp.indexing import IndexData, IndexStore, IngestReport, build_faiss, ingest
 from chatapp.knowledge import Problems, scan_folder
 from chatapp.lexical import tokenize
+
+if TYPE_CHECKING:
+    from chatapp.shared_knowledge import KnowledgeSync
 
 # build_faiss and IndexStore are imported from here too (they were defined here before indexing.py).
 __all__ = ["CALIBRATED_HANDOFF", "Hit", "IndexData", "IndexStore", "IngestReport", "Retriever", "SearchResult",
@@ -118,33 +121,54 @@ def _name_terms(entity: str | None) -> frozenset[str]:
     return frozenset(words) | {"".join(words)}
 
 
+def _shared(settings: Settings) -> "KnowledgeSync | None":
+    """The database's knowledge documents when replicas share a database; None keeps the folder the only truth."""
+    if not settings.database_url:
+        return None
+    from chatapp.shared_knowledge import KnowledgeSync
+
+    return KnowledgeSync(settings)
+
+
 class Retriever:
     """The knowledge base, searchable. Thread-safe: searches read one immutable ``IndexData``; refresh swaps it."""
 
-    def __init__(self, settings: Settings, embedder: Embedder, data: IndexData, report: IngestReport):
+    def __init__(self, settings: Settings, embedder: Embedder, data: IndexData, report: IngestReport,
+                 knowledge: "KnowledgeSync | None" = None):
         self.settings = settings
         self.embedder = embedder
         self.data = data
         self.last_report = report
+        self.knowledge = knowledge  # the database's documents, with several replicas
         self._lock = threading.Lock()
 
     @classmethod
     def open(cls, settings: Settings, embedder: Embedder | None = None, progress: bool = False) -> "Retriever":
         """Load the index from ``settings.index_dir``, ingesting first whatever changed in the knowledge folder."""
         embedder = embedder or load_embedder(settings.retrieval.embedder, settings.retrieval.embed_threads)
-        data, report = ingest(settings, embedder, progress=progress)
-        return cls(settings, embedder, data, report)
+        data, report = ingest(settings, embedder, progress=progress, knowledge=(knowledge := _shared(settings)))
+        return cls(settings, embedder, data, report, knowledge)
 
     def refresh(self, progress: bool = False) -> IngestReport:
-        """Re-ingest changed files (cheap when nothing changed: one stat per file)."""
+        """Re-ingest changed files (cheap when nothing changed: one stat per file, and with several replicas one
+        query for the database's document list)."""
         with self._lock:
-            data, report = ingest(self.settings, self.embedder, self.data, progress=progress)
+            data, report = ingest(self.settings, self.embedder, self.data, progress=progress, knowledge=self.knowledge)
             self.data = data
             self.last_report = report
             return report
 
+    @property
+    def shared_problem(self) -> str | None:
+        """Why the last refresh could not use the database's knowledge (it answered from the local folder)."""
+        sync = self.last_report.sync
+        return sync.error if sync is not None else None
+
     def needs_refresh(self) -> bool:
-        """True when a file in the knowledge folder was added, removed or modified since the last ingest."""
+        """True when a file in the knowledge folder was added, removed or modified since the last ingest, or another
+        replica published a document this one does not have."""
+        if self.knowledge is not None and self.knowledge.pending():
+            return True
         scanned = scan_folder(self.settings.retrieval.knowledge_dir,
                               int(self.settings.retrieval.max_file_mb * 2**20), Problems())
         files = self.data.files
@@ -272,7 +296,7 @@ def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
     embedder = load_embedder(settings.retrieval.embedder, settings.retrieval.embed_threads)
     print(f"knowledge folder: {settings.retrieval.knowledge_dir}\nindex: {settings.index_dir} "
           f"(embedder {embedder.name})")
-    _, report = ingest(settings, embedder, progress=True, store=store)
+    _, report = ingest(settings, embedder, progress=True, store=store, knowledge=_shared(settings))
     for warning in report.warnings:
         print(f"warning: {warning}")
     if report.rebuilt:
