@@ -22,8 +22,7 @@ from typing import Callable
 from chatapp.config import Settings
 from chatapp.knowledge import DOC_SUFFIXES, Problems, parse_file
 from chatapp.prompts import atomic_write, file_lock
-from chatapp.shared_knowledge import ERRORS as DB_ERRORS
-from chatapp.shared_knowledge import KnowledgeSync
+from chatapp.shared_knowledge import ERRORS, KnowledgeSync
 
 ANSWERS_FILE = "gaps-answers.jsonl"
 MAX_QUESTION_CHARS, MAX_ANSWER_CHARS, MAX_ARTICLE_CHARS = 500, 4000, 200_000
@@ -63,7 +62,7 @@ class KnowledgeEditor:
         if self.shared is not None:
             try:
                 text = self.shared.text(rel)
-            except DB_ERRORS:
+            except ERRORS:
                 text = None  # shown from this replica's copy; saving says the database is unreachable
             if text is not None:
                 return text, hashlib.sha256(text.encode()).hexdigest()
@@ -138,7 +137,7 @@ class KnowledgeEditor:
                 return
             try:
                 self.shared.edit(rel, change, who)
-            except DB_ERRORS as exc:
+            except ERRORS as exc:
                 raise KnowledgeEditError(f"Not saved: {exc} The other replicas would not get this edit: try again "
                                          f"when the database is back.") from exc
 

@@ -48,7 +48,8 @@ from chatapp.storage.schema import knowledge_documents as docs
 
 log = logging.getLogger(__name__)
 
-ERRORS = (*DB_ERRORS, StorageError)
+# The database's failures (a full disk or an unwritable folder here is the folder's, and said so).
+ERRORS = (*(e for e in DB_ERRORS if e is not OSError), StorageError)
 
 
 @dataclass
@@ -118,11 +119,6 @@ class KnowledgeSync:
             self._db = None
         return describe_error(exc, where, self.settings.feedback.busy_timeout_s, "Knowledge database")
 
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.dispose()
-            self._db = None
-
     # ---- state of the last sync -------------------------------------------------------------------------------
 
     def _load_state(self) -> dict[str, dict]:
@@ -186,6 +182,9 @@ class KnowledgeSync:
             except ERRORS as exc:  # the indexer logs it with its warnings
                 return SyncReport(error=f"{self._failed(exc)} Answering from this replica's knowledge folder; its "
                                         f"changes are published when the database is back.")
+            except OSError as exc:
+                return SyncReport(error=f"knowledge folder {self.root} could not be synced with the database "
+                                        f"({exc.strerror or exc}): is it writable? Answering from what it holds.")
 
     def pending(self) -> bool:
         """True when the database holds a document this folder does not have yet (or has deleted)."""
