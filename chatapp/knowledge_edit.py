@@ -16,7 +16,6 @@ import threading
 import uuid
 from datetime import datetime
 from pathlib import Path
-
 from typing import Callable
 
 from chatapp.config import Settings

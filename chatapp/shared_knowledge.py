@@ -14,8 +14,9 @@ Why it is built this way:
   a second copy of the chunk texts in the database could only drift from the documents.
 - Truth on conflict (the file and the database's document both changed since this replica's last sync, or a first
   sync finds a file that differs from the database's): the later change wins, the document's ``updated_at`` against
-  the file's mtime; a file deleted here that another replica changed comes back. The losing text is kept under
-  ``data_dir/knowledge_conflicts/`` and logged, never dropped silently.
+  the file's mtime (so the replicas' clocks should agree, as NTP keeps them); a file deleted here that another replica
+  changed comes back. The losing text is kept under ``data_dir/knowledge_conflicts/`` and logged, never dropped
+  silently.
 - A publish only replaces the version this replica last saw (compare-and-set on updated_at and sha256); losing that
   race leaves the file to the next sync's conflict rule. Edits from the staff console (`edit`: article saves, gap
   answers) are one read-modify-write transaction on the document's row instead, so two replicas appending a gap
@@ -43,7 +44,7 @@ import sqlalchemy as sa
 from chatapp.config import Settings
 from chatapp.knowledge import DOC_SUFFIXES, FAQ_SUFFIXES, Problems, scan_folder
 from chatapp.prompts import atomic_write, file_lock
-from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database
+from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database, safe_url
 from chatapp.storage.schema import knowledge_documents as docs
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class KnowledgeSync:
         return self._db
 
     def _failed(self, exc: BaseException) -> str:
-        where = self._db.where if self._db is not None else "at database_url"
+        where = self._db.where if self._db is not None else safe_url(str(self.settings.database))
         if self._db is not None:
             self._db.dispose()
             self._db = None
@@ -249,7 +250,11 @@ class KnowledgeSync:
                     new_state[rel] = local
             elif base:
                 new_state[rel] = base  # another replica's change won the race: the next sync decides
+        root = self.root.resolve()
         for rel, doc in to_write.items():
+            if (root / rel).resolve() != root / rel:  # a symlinked folder here must not carry a write outside
+                log.warning("knowledge %s not written: a symlink in its path leads outside %s", rel, root)
+                continue
             if rel in report.conflicts:
                 self._keep_loser(rel, self._local_text(rel), "local")
             if doc.deleted:

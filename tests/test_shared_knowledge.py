@@ -171,3 +171,37 @@ def test_an_unreachable_database_leaves_the_local_index_answering(tmp_path, mini
         KnowledgeEditor(settings).save("refunds-and-returns.md", "# Returns\n\nThirty days.\n", who="ann")
     assert "Thirty days" not in (settings.retrieval.knowledge_dir / "refunds-and-returns.md").read_text()
     assert not retriever.needs_refresh()
+
+
+def test_the_app_with_its_database_down_answers_from_the_local_index_and_says_why(tmp_path, tiny_model_dir):
+    from chatapp.bot import Bot, Session
+
+    settings = replica(tmp_path, "a", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/chatapp")
+    settings.model.name, settings.model.backend, settings.model.threads = str(tiny_model_dir), "transformers", 2
+    settings.generation.max_new_tokens, settings.generation.temperature = 16, 0.0
+    settings.feedback.busy_timeout_s = 1.0
+    settings.retrieval.knowledge_dir.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "knowledge" / "refunds-and-returns.md", settings.retrieval.knowledge_dir)
+    bot = Bot.create(settings)
+    assert "Knowledge database" in bot.status() and "cannot be reached" in bot.status()
+    final = list(bot.answer("How long do I have to return an item?", Session()))[-1]
+    assert final.done and "refunds-and-returns.md" in [h.source for h in final.citations]
+
+
+def test_a_published_document_is_only_written_inside_the_folder(tmp_path):
+    from chatapp.shared_knowledge import KnowledgeSync, valid_path
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"  # the same sync on SQLite (replicas on one machine)
+    settings_a, settings_b = replica(tmp_path, "a", url), replica(tmp_path, "b", url)
+    kb_a, kb_b = settings_a.retrieval.knowledge_dir, settings_b.retrieval.knowledge_dir
+    (kb_a / "faq").mkdir(parents=True)
+    (kb_a / "faq" / "shipping.jsonl").write_text('{"question": "Do you ship abroad?", "answer": "Yes."}\n')
+    assert KnowledgeSync(settings_a).sync().published == ["faq/shipping.jsonl"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    kb_b.mkdir(parents=True)
+    (kb_b / "faq").symlink_to(outside)  # B's folder has a symlinked subfolder where A has a real one
+    assert KnowledgeSync(settings_b).sync().written == [] and not list(outside.iterdir())
+    assert valid_path("faq/shipping.jsonl") and valid_path("returns.md")
+    assert not any(valid_path(p) for p in ("../returns.md", "/etc/returns.md", ".git/x.md", "faq/.hidden.md",
+                                           "faq//x.md", "run.sh", "faq\\x.md", ""))
