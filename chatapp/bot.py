@@ -132,6 +132,7 @@ class Bot:
             problems["prompts"] = f"prompt templates unavailable: {exc}"
         bot = cls(settings, model, **parts)
         bot.problems.update(problems)
+        bot._note_knowledge()
         if bot.adapters is not None and settings.model.adapter is None:
             try:
                 bot.adapters.install_shipped(bot.base_hash)  # a fresh install answers with the shipped adapter
@@ -216,9 +217,17 @@ class Bot:
             except Exception as exc:
                 self.problems["knowledge"] = f"knowledge refresh failed: {exc}"
             else:
-                self.problems.pop("knowledge", None)
+                self._note_knowledge()
 
         threading.Thread(target=run, daemon=True, name="knowledge-refresh").start()
+
+    def _note_knowledge(self) -> None:
+        """Show (or clear) why the knowledge database could not be used: answers then come from the local index."""
+        problem = getattr(self.retriever, "shared_problem", None)
+        if problem:
+            self.problems["knowledge"] = problem
+        else:
+            self.problems.pop("knowledge", None)
 
     def answer(self, question: str, session: Session, *, user: str | None = None, **generation: Any) -> Iterator[Reply]:
         """Stream an answer to `question` in `session`; the session's history is updated when the answer ends."""

@@ -4,6 +4,9 @@
 Why it is built this way: the knowledge folder is what the retriever indexes, so a write must never leave a half file
 (atomic rename) or silently undo a colleague's edit (the editor sends back the sha256 it loaded); every version is
 kept with who, when and why under data_dir/knowledge_versions (like prompt versions), so any edit can be undone.
+With several replicas (``database_url``) the database's document is what is read and changed, in one transaction
+(chatapp/shared_knowledge.py), so an edit on one replica is what the others index and edit next; an edit while the
+database cannot be reached is refused, not kept on one replica.
 """
 from __future__ import annotations
 
@@ -13,10 +16,12 @@ import threading
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from chatapp.config import Settings
 from chatapp.knowledge import DOC_SUFFIXES, Problems, parse_file
 from chatapp.prompts import atomic_write, file_lock
+from chatapp.shared_knowledge import ERRORS, KnowledgeSync
 
 ANSWERS_FILE = "gaps-answers.jsonl"
 MAX_QUESTION_CHARS, MAX_ANSWER_CHARS, MAX_ARTICLE_CHARS = 500, 4000, 200_000
@@ -33,6 +38,7 @@ class KnowledgeEditor:
         self.settings = settings
         self.root = Path(settings.retrieval.knowledge_dir)
         self.versions_dir = settings.shared / "knowledge_versions"  # every replica can undo any edit
+        self.shared = KnowledgeSync(settings) if settings.database_url else None
         self._lock = threading.Lock()
 
     def path(self, rel: str) -> Path:
@@ -52,6 +58,13 @@ class KnowledgeEditor:
     def read(self, rel: str) -> tuple[str, str]:
         """The file's text and its sha256 (the editor sends it back so a concurrent edit is not overwritten)."""
         path = self.path(rel)
+        if self.shared is not None:
+            try:
+                text = self.shared.text(rel)
+            except ERRORS:
+                text = None  # shown from this replica's copy; saving says the database is unreachable
+            if text is not None:
+                return text, hashlib.sha256(text.encode()).hexdigest()
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -76,11 +89,17 @@ class KnowledgeEditor:
         path = self.path(rel)
         if problems := self.validate(rel, text):
             raise KnowledgeEditError("Not saved: " + "; ".join(problems))
-        with self._lock, file_lock(self.versions_dir / ".lock"):
-            current, sha = self.read(rel)
-            if base_sha is not None and base_sha != sha:
+        number = 0
+
+        def change(current: str) -> str:
+            nonlocal number
+            if base_sha is not None and base_sha != hashlib.sha256(current.encode()).hexdigest():
                 raise KnowledgeEditError(f"{rel} changed since you opened it; your text was not saved: reload and edit again")
-            return self._write(rel, path, current, text, who, message)
+            number = self._record(rel, current, text, who, message)
+            return text
+
+        self._change(rel, path, change, who)
+        return number
 
     def add_faq(self, question: str, answer: str, category: str | None = None, who: str | None = None,
                 message: str = "") -> str:
@@ -94,12 +113,32 @@ class KnowledgeEditor:
         entry = {"id": f"gap-{uuid.uuid4().hex[:10]}", "question": question, "answer": answer,
                  **({"category": category} if category else {}), "author": who,
                  "created": datetime.now().astimezone().isoformat(timespec="seconds")}
-        path = self.path(ANSWERS_FILE)
-        with self._lock, file_lock(self.versions_dir / ".lock"):
-            current, _ = self.read(ANSWERS_FILE)
+
+        def change(current: str) -> str:
             text = current + ("" if not current or current.endswith("\n") else "\n") + json.dumps(entry) + "\n"
-            self._write(ANSWERS_FILE, path, current, text, who, message or "new answer")
+            self._record(ANSWERS_FILE, current, text, who, message or "new answer")
+            return text
+
+        self._change(ANSWERS_FILE, self.path(ANSWERS_FILE), change, who)
         return f"{ANSWERS_FILE}#{entry['id']}"
+
+    def _change(self, rel: str, path: Path, change: Callable[[str], str], who: str | None) -> None:
+        """``change(current text) -> new text`` applied under the lock: to the database's document with several
+        replicas (one transaction), else to the file. Versions are written by ``change``, before the text."""
+        with self._lock, file_lock(self.versions_dir / ".lock"):
+            if self.shared is None:
+                text = change(self.read(rel)[0])
+                try:
+                    atomic_write(path, text)
+                except OSError as exc:
+                    raise KnowledgeEditError(f"cannot write {path}: {exc.strerror or exc} (the knowledge folder "
+                                             f"must be writable)")
+                return
+            try:
+                self.shared.edit(rel, change, who)
+            except ERRORS as exc:
+                raise KnowledgeEditError(f"Not saved: {exc} The other replicas would not get this edit: try again "
+                                         f"when the database is back.") from exc
 
     def _folder(self, rel: str) -> Path:
         return self.versions_dir / rel.replace("/", "__")
@@ -110,18 +149,18 @@ class KnowledgeEditor:
         return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("v*.json"))] \
             if folder.is_dir() else []
 
-    def _write(self, rel: str, path: Path, current: str, text: str, who: str | None, message: str) -> int:
+    def _record(self, rel: str, current: str, text: str, who: str | None, message: str) -> int:
+        """Keep the new version (and, at the first edit from here, what was there before); returns its number."""
         folder = self._folder(rel)
         versions = sorted(folder.glob("v*.json")) if folder.is_dir() else []
         if not versions and current:  # keep what was there before the first edit from here
             self._version(folder, 1, current, None, "before the first edit in the console")
             versions = [None]
         number = len(versions) + 1
-        self._version(folder, number, text, who, message)
         try:
-            atomic_write(path, text)
+            self._version(folder, number, text, who, message)
         except OSError as exc:
-            raise KnowledgeEditError(f"cannot write {path}: {exc.strerror or exc} (the knowledge folder must be writable)")
+            raise KnowledgeEditError(f"cannot keep the version under {folder}: {exc.strerror or exc}") from exc
         return number
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Chunk embeddings kept in the shared database, so replicas build the same FAISS and BM25 index without each
 embedding the knowledge again.
 
-Every replica reads the same knowledge folder (a shared folder, or the same files in each image) and chunks it
-itself (cheap and deterministic); only the embedding is expensive. When `database_url` is set, ingest asks the
+Every replica chunks the same documents itself (its knowledge folder, kept in step with the database's documents by
+chatapp/shared_knowledge.py; chunking is cheap and deterministic); only the embedding is expensive. When `database_url` is set, ingest asks the
 database for the vectors of the chunks it would embed (keyed by the embedding settings and a hash of the texts
 embedded), embeds only what no replica embedded before, and stores those for the others. So a file added or
 edited reaches the other replicas at their next refresh (every 10 s) without re-embedding, and a new replica

@@ -1,8 +1,11 @@
 """Two app processes (launch.py) on one Postgres, as behind a load balancer: a correction given on replica A is the
 answer replica B gives next; an agent signed in on A's staff console sees a customer who asked for a person on B, and
-the agent's reply reaches that customer's page on B within 2 seconds. Real processes, real Postgres, real browser."""
+the agent's reply reaches that customer's page on B within 2 seconds; an article saved in A's console is what B
+retrieves after its refresh, each replica having its own knowledge folder. Real processes, real Postgres, real
+browser."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -21,13 +24,14 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def replicas(tiny_model_dir: Path, postgres, tmp_path_factory):
-    """Replicas A and B: own data directories and ports, one database, one shared folder and knowledge folder."""
+    """Replicas A and B: own data directories, ports and knowledge folders (the same file in each, as baked into an
+    image), one database, one shared folder (adapter versions)."""
     root = tmp_path_factory.mktemp("replicas")
     name = postgres.createdb()
     url = postgres.url(name)
-    kb = root / "shared" / "knowledge"
-    kb.mkdir(parents=True)
-    shutil.copy(REPO_ROOT / "knowledge" / "refunds-and-returns.md", kb)
+    for replica in ("a", "b"):
+        (root / replica / "knowledge").mkdir(parents=True)
+        shutil.copy(REPO_ROOT / "knowledge" / "refunds-and-returns.md", root / replica / "knowledge")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     config = root / "chatapp.toml"  # the database in the TOML file, as a deployment would write it
     config.write_text(f'database_url = "{url}"\n[generation]\nmax_new_tokens = 16\ntemperature = 0.0\n')
@@ -49,7 +53,8 @@ def replicas(tiny_model_dir: Path, postgres, tmp_path_factory):
             port = free_port()
             command = [sys.executable, str(REPO_ROOT / "launch.py"), "--model", str(tiny_model_dir),
                        "--backend", "transformers", "--threads", "1", "--data-dir", str(root / replica),
-                       "--config", str(config), "--shared-dir", str(root / "shared"), "--knowledge-dir", str(kb),
+                       "--config", str(config), "--shared-dir", str(root / "shared"),
+                       "--knowledge-dir", str(root / replica / "knowledge"),
                        "--port", str(port), "--auth", "ann:pw-ann", "--admin", "ann"]
             apps.append(start_app(command, root / f"{replica}.log", env, REPO_ROOT, timeout_s=300))
             urls.append(f"http://127.0.0.1:{port}/")
@@ -142,3 +147,28 @@ def test_an_agent_on_replica_a_answers_a_customer_on_replica_b(replicas, browser
     finally:
         staff_context.close()
         customer_context.close()
+
+
+def test_an_article_saved_on_replica_a_is_retrieved_by_replica_b(replicas, postgres):
+    url_a, url_b = replicas["urls"]
+    admin = Client(url_a + "staff/", auth=("ann", "pw-ann"), verbose=False)
+    article = ("# Gift vouchers\n\nPaper gift vouchers from our partner shops are swapped for a store voucher at "
+               "any till, within one year of purchase.\n")
+    note = admin.predict("gift-vouchers.md", article, "", "new article", api_name="/gaps_article_save")[1]
+    assert "Saved" in note, note
+    customer = Client(url_b, verbose=False)
+    deadline, sources, n = time.time() + 60, [], 0
+    while time.time() < deadline and "gift-vouchers.md" not in sources:  # B refreshes at most every 10 s
+        n += 1
+        question = f"Can I swap a paper gift voucher from a partner shop? ({n})"
+        customer.submit(question, "auto", 0.0, 16, None, api_name="/chat").result(timeout=120)
+        for _ in range(50):  # the turn (with what was retrieved) is written by B's feedback writer
+            found = postgres.sql(f"SELECT retrieved FROM turns WHERE user_message = '{question}'",
+                                 database=replicas["db"])
+            if found:
+                sources = [hit.get("source") for hit in json.loads(found[0][0])]
+                break
+            time.sleep(0.2)
+        time.sleep(2)
+    assert "gift-vouchers.md" in sources, sources
+    assert (replicas["root"] / "b" / "knowledge" / "gift-vouchers.md").read_text() == article

@@ -159,8 +159,19 @@ def _v7_prompt_versions(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
+def _v8_knowledge_documents(conn: Connection) -> None:
+    """The knowledge folder's files in the database (chatapp/shared_knowledge.py): replicas need no shared mount."""
+    md = sa.MetaData()
+    sa.Table("knowledge_documents", md, sa.Column("path", sa.Text, primary_key=True),
+             sa.Column("text", sa.Text, nullable=False), sa.Column("sha256", sa.Text, nullable=False),
+             sa.Column("updated_at", sa.Double, nullable=False), sa.Column("updated_by", sa.Text),
+             sa.Column("deleted", sa.Integer, nullable=False, server_default=sa.text("0")))
+    md.create_all(conn, checkfirst=False)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1_feedback, _v2_guard, _v3_inbox, _v4_shared_state,
-                                                   _v5_example_banks, _v6_chunk_embeddings, _v7_prompt_versions]
+                                                   _v5_example_banks, _v6_chunk_embeddings, _v7_prompt_versions,
+                                                   _v8_knowledge_documents]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -169,3 +169,16 @@ prompt_versions = sa.Table(
     sa.Column("author", SafeText),
     sa.Column("created_at", sa.Double, nullable=False),
 )
+
+# The knowledge folder's files as the replicas share them (chatapp/shared_knowledge.py): each replica publishes what
+# changed in its folder and writes what another replica published into its own. ``deleted`` keeps a removal (text
+# empty) so it reaches every replica instead of the file coming back from one that still has it.
+knowledge_documents = sa.Table(
+    "knowledge_documents", metadata,
+    sa.Column("path", SafeText, primary_key=True),  # relative to the knowledge folder, "/"-separated
+    sa.Column("text", SafeText, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),  # of the file's bytes (the UTF-8 text)
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("updated_by", SafeText),
+    sa.Column("deleted", sa.Integer, nullable=False, server_default=sa.text("0")),
+)
