@@ -15,7 +15,6 @@ context (like bench/prompts.py). Scores against the human `response`: ROUGE-L F1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

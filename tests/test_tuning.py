@@ -222,7 +222,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_model_dir, 
     stop = threading.Event()
     first = train(tiny_model_dir, dataset, tsettings.tuning, tmp_path / "resumed", max_steps=8, threads=1,
                   progress=False, stop=stop, on_step=lambda step, loss: step == 4 and stop.set())
-    assert first.interrupted and first.steps == 4
+    assert straight.steps == 8 and first.interrupted and first.steps == 4
     assert (tmp_path / "resumed" / "checkpoint.json").is_file()  # Ctrl-C leaves a usable checkpoint...
     pointer = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
     from peft import PeftModel
@@ -265,7 +265,7 @@ def test_answer_loss_equals_the_full_model_loss(tiny_model_dir, tokenizer):
     """The fast path (vocabulary projection only at answer positions) computes the same loss as transformers."""
     from transformers import AutoModelForCausalLM
 
-    from chatapp.tuning import _collate
+    from chatapp.tuning.train import _collate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dataset = memorise_dataset(tokenizer)
@@ -302,7 +302,7 @@ def sane_model_dir(tiny_model_dir, golden_file, tmp_path_factory) -> Path:
     gate has something to protect."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatapp.tuning import _collate
+    from chatapp.tuning.train import _collate
 
     settings = Settings(data_dir=tmp_path_factory.mktemp("sane-data"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -31,7 +31,6 @@ from chatapp.tuning.dataset import (
 )
 from chatapp.tuning.train import (
     TrainResult,
-    _collate,
     adapter_compatible,
     answer_loss,
     evaluate_loss,
