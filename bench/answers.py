@@ -3,7 +3,8 @@
 Each configuration is one `chatapp eval answers` process (greedy decoding, the shop questions of
 ../shared/data/shop_qa/dev.jsonl), so no run inherits another's memory or threads:
 - each model profile with its base weights (`--adapter none`) and, where one exists for it, the shipped adapter;
-- the multilingual setup (Qwen2.5-Coder-0.5B + the e5 embedder, Chinese questions answered with `support_zh`);
+- the multilingual setups: Qwen2.5-Coder-0.5B + the e5 embedder for everything, and the default model for English with
+  Qwen for Chinese questions only (`--chinese-model`); Chinese questions are answered with `support_zh`;
 - the extractive answerer alone (no model: the top one or two evidence units quoted).
 
     .venv/bin/python bench/answers.py [--only NAME ...] [--data FILE] [--dstc11 30]
@@ -28,6 +29,8 @@ CONFIGS: dict[str, tuple[list[str], list[str], str]] = {
     "qwen-0.5b base + e5 (multilingual)": (["--model", "qwen-coder-0.5b", "--adapter", "none", "--embedder", "e5"],
                                            [], "e5"),
     "smollm2 shipped + e5": (["--model", "smollm2", "--embedder", "e5"], [], "e5"),
+    "smollm2 shipped, qwen for Chinese, e5 (multilingual)": (
+        ["--model", "smollm2", "--embedder", "e5", "--chinese-model", "qwen-coder-0.5b"], [], "e5"),
     "extractive, top 1 unit": ([], ["--extractive", "1"], "minilm"),
     "extractive, top 2 units": ([], ["--extractive", "2"], "minilm"),
 }

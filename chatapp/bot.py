@@ -82,13 +82,14 @@ class Bot:
     """Everything a chat needs, loaded once per process and shared by all sessions (it holds no session state)."""
 
     def __init__(self, settings: Settings, model, retriever=None, prompts=None, feedback=None, adapters=None,
-                 inbox=None):
+                 inbox=None, chinese_model=None):
         from chatapp.access import Accounts
 
         self.settings = settings
         self.inbox = inbox  # chatapp.inbox.Inbox: conversations a person takes over (None: handoffs are only logged)
         self.accounts = Accounts(settings.ui)
-        self.model = model
+        self.model = model  # answers every language it writes; its adapter follows the registry
+        self.chinese_model = chinese_model  # `model.chinese_model`: Chinese questions when `model` is English-only
         self.retriever = retriever
         self.prompts = prompts
         self.feedback = feedback
@@ -130,6 +131,13 @@ class Bot:
         except Exception as exc:
             log.exception("prompts unavailable")
             problems["prompts"] = f"prompt templates unavailable: {exc}"
+        try:
+            from chatapp.model import load_chinese_model
+
+            parts["chinese_model"] = load_chinese_model(settings)
+        except Exception as exc:  # English keeps answering; Chinese questions are told what the bot can do
+            log.exception("chinese model unavailable")
+            problems["chinese_model"] = f"the Chinese model {settings.model.chinese_model!r} is unavailable: {exc}"
         bot = cls(settings, model, **parts)
         bot.problems.update(problems)
         bot._note_knowledge()
@@ -162,6 +170,8 @@ class Bot:
     def status(self) -> str:
         """One line for the header: the model and adapter answering, and any part that is down."""
         lines = [f"**Model:** {self.model.description}"]
+        if self.chinese_model is not None:
+            lines.append(f"**Chinese questions:** {self.chinese_model.description}")
         health = self.feedback.health() if self.feedback is not None else None
         problems = list(self.problems.values()) + ([f"feedback log: {health}"] if health else [])
         lines += [f"⚠️ {p}" for p in problems]
@@ -270,6 +280,7 @@ class Bot:
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
         language = "zh" if _CJK.search(question) else "en"
+        model = self.chinese_model if language == "zh" and self.chinese_model is not None else self.model
         if language not in self.languages:
             reply = Reply(NO_CHINESE_REPLY)  # say plainly what the bot can do, in the customer's language
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
@@ -287,12 +298,12 @@ class Bot:
         k = self.settings.answer.evidence_units_cross_lingual if language == "zh" else None
         evidence = self.evidence.select(question, history, hits, k=k) if hits else []
         template = self.settings.prompts.template_zh if language == "zh" else None
-        rendered = self._render(question, history, evidence or hits, session.mode, gen, template)
+        rendered = self._render(question, history, evidence or hits, session.mode, gen, template, model)
         known = {f.name for f in fields(gen)}
         template_gen = {k: v for k, v in rendered.generation.items() if k in known and generation.get(k) is None}
         gen = replace(gen, **template_gen)
         # The template's answer_start opens the model's turn (a Chinese answer stays Chinese); the answer includes it.
-        start = rendered.answer_start if getattr(self.model, "continues_answers", False) else ""
+        start = rendered.answer_start if getattr(model, "continues_answers", False) else ""
         messages = rendered.messages + ([{"role": "assistant", "content": start}] if start else [])
         text, shown, first_token = start, "", None
         guard = StreamGuard(reference_texts(evidence, hits, [*history, question]),
@@ -300,7 +311,7 @@ class Bot:
             if self.settings.answer.guard else None
         meta = dict(citations=hits, template=rendered.template, mode=rendered.mode, message_id=message_id,
                     evidence=evidence)
-        pieces = self.model.stream(messages, gen, session.stop)
+        pieces = model.stream(messages, gen, session.stop)
         try:
             for piece in pieces:
                 if first_token is None:
@@ -331,7 +342,7 @@ class Bot:
                          f"unsupported {verdict.unsupported}" if verdict.unsupported else "declined despite evidence")
         yield from self._finish(
             reply, question, session, message_id, started, notice=notice, user=user, rendered=rendered,
-            first_token=first_token,
+            first_token=first_token, model=model,
         )
 
     def replacement(self, evidence: list, question: str, declined: bool = False) -> tuple[str, str]:
@@ -356,20 +367,22 @@ class Bot:
             PROFILES[self.settings.model.name].languages if self.settings.model.name in PROFILES else "en")
         if self.settings.model.backend == "openai" and not self.settings.model.languages:
             configured = "en,zh"
-        return {part.strip() for part in configured.split(",") if part.strip()}
+        return {part.strip() for part in configured.split(",") if part.strip()} | ({"zh"} if self.chinese_model else set())
 
-    def _render(self, question: str, history: list[dict], hits: list, mode: str, gen, template: str | None = None):
+    def _render(self, question: str, history: list[dict], hits: list, mode: str, gen, template: str | None = None,
+                model=None):
         """Prompt messages that fit the model's context: older turns are dropped first, then context is cut."""
         from chatapp.prompts import Rendered
 
         if self.prompts is None:
             messages = [*history, {"role": "user", "content": question}]
             return Rendered(messages=messages, template="(none)", version=0, mode="zero_shot", examples=[], generation={})
-        budget = self.model.context_tokens - gen.max_new_tokens
+        model = model or self.model
+        budget = model.context_tokens - gen.max_new_tokens
         while True:
             name = template if template and template in self.prompts.names() else None
             rendered = self.prompts.render(name, question=question, history=history, hits=hits, mode=mode)
-            if not history and len(hits) <= 1 or self.model.count_tokens(rendered.messages) <= budget:
+            if not history and len(hits) <= 1 or model.count_tokens(rendered.messages) <= budget:
                 return rendered
             if history:
                 history = history[2:]
@@ -377,8 +390,8 @@ class Bot:
                 hits = hits[:-1]
 
     def _finish(self, reply: Reply, question: str, session: Session, message_id: str, started: float, *,
-                notice: str | None, user: str | None, rendered=None, first_token: float | None = None
-                ) -> Iterator[Reply]:
+                notice: str | None, user: str | None, rendered=None, first_token: float | None = None,
+                model=None) -> Iterator[Reply]:
         """Record the turn in the session and the feedback log, then yield the final reply."""
         total_ms = (time.perf_counter() - started) * 1000
         reply.message_id, reply.done, reply.notice = message_id, True, notice
@@ -393,8 +406,8 @@ class Bot:
                 retrieved=[{"chunk_id": h.chunk_id, "score": h.score, "source": h.source, "title": h.title}
                            for h in reply.citations],
                 template=rendered.template if rendered else "", template_version=rendered.version if rendered else 0,
-                mode=rendered.mode if rendered else "", model=self.model.description,
-                adapter=self.model.adapter_version,
+                mode=rendered.mode if rendered else "", model=(model or self.model).description,
+                adapter=(model or self.model).adapter_version,
                 first_token_ms=(first_token - started) * 1000 if first_token else None, total_ms=total_ms,
                 handoff=reply.handoff, curated=reply.curated, user=user,
                 evidence=[e.to_dict() for e in reply.evidence], guard=reply.guard, guard_replaced=reply.replaced,

@@ -37,6 +37,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: the data directory)")
     parser.add_argument("--model", help="model profile (smollm2, qwen-coder-0.5b), a .gguf file or a HF model folder")
     parser.add_argument("--adapter", help="a PEFT LoRA adapter folder, or 'none' (default: the registry's active one)")
+    parser.add_argument("--chinese-model", metavar="MODEL",
+                        help="a second model (e.g. qwen-coder-0.5b) for Chinese questions when --model is English-only")
     parser.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "openai"])
     parser.add_argument("--openai-base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
     parser.add_argument("--threads", type=int, help="CPU threads for generation and training (default: all cores)")
@@ -65,6 +67,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {
         "model.name": args.model,
+        "model.chinese_model": args.chinese_model,
         "model.adapter": args.adapter,
         "model.backend": args.backend,
         "model.openai_base_url": args.openai_base_url,

@@ -23,6 +23,9 @@ class ModelSettings:
     backend: Literal["transformers", "llamacpp", "openai", "auto"] = "auto"
     threads: int = 0  # 0 = all cores
     languages: str = ""  # what the model answers in, "en,zh"; "" = its profile's (other models: English)
+    # A second model for Chinese questions when this one writes only English (a profile, e.g. "qwen-coder-0.5b", a
+    # .gguf file or a HF folder; "" = none): the tuned small model keeps English, the bilingual one answers Chinese.
+    chinese_model: str = ""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = what bench/generation.py measured faster here (fp32)
     fast_sessions: int = 20  # llama.cpp backend: chats decoded together (more wait for a free slot)
     fast_context: int = 4096  # llama.cpp backend: tokens of context per chat (KV cache = sessions x context)

@@ -9,6 +9,7 @@ adapters) and `OpenAIModel` (any OpenAI-compatible server: vLLM, Ollama, llama.c
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -438,6 +439,19 @@ class OpenAIModel:
                         yield piece
         except httpx.HTTPError as exc:
             raise ModelError(f"cannot reach the model server at {self.base_url}: {exc}") from exc
+
+
+def load_chinese_model(settings: Settings) -> ChatModel | None:
+    """`model.chinese_model` with its base weights only, on the main model's backend; None when none is set or the
+    main model writes Chinese itself."""
+    name = settings.model.chinese_model
+    main = settings.model.languages or (PROFILES[settings.model.name].languages
+                                        if settings.model.name in PROFILES else "en")
+    if not name or "zh" in main.split(",") or settings.model.backend == "openai":
+        return None
+    chinese = copy.deepcopy(settings)
+    chinese.model.name, chinese.model.adapter, chinese.model.languages = name, "none", "en,zh"
+    return load_model(chinese)
 
 
 def load_model(settings: Settings) -> ChatModel:

@@ -177,6 +177,33 @@ def test_a_chinese_answer_starts_in_chinese_on_a_model_that_continues_answers(sh
             assert prompt[-1]["role"] == "user" and reply.text.startswith("Bronze")
 
 
+def test_chinese_questions_go_to_the_chinese_model_when_the_main_one_is_english_only(shop, retriever, tmp_path):
+    bot = make_bot(shop, retriever, "Overnight shipping costs $20 for Bronze members.", tmp_path)
+    chinese = ScriptedModel("铜卡会员升级隔夜送达需要 $20。")
+    chinese.description, chinese.continues_answers = "bilingual", True
+    bot.chinese_model = chinese
+    bot.__dict__.pop("languages", None)  # cached before the Chinese model was set
+    _, english = ask(bot, "How much is overnight shipping for Bronze members?")
+    _, reply = ask(bot, "Overnight shipping 要多少钱？我是 Bronze 会员。")
+    assert len(bot.model.prompts) == 1 and len(chinese.prompts) == 1 and "Bronze" in english.text
+    assert reply.template == "support_zh" and reply.text.endswith("铜卡会员升级隔夜送达需要 $20。")
+    logged = [bot.feedback.turn(r.message_id) for r in (english, reply)]
+    assert [t["model"] for t in logged] == ["scripted", "bilingual"]
+    assert "Chinese questions:** bilingual" in bot.status()
+
+
+def test_the_chinese_model_loads_only_beside_an_english_only_model(tiny_model_dir, tmp_path):
+    from chatapp.model import TransformersModel, load_chinese_model
+
+    settings = Settings(data_dir=tmp_path)
+    assert load_chinese_model(settings) is None  # none configured
+    settings.model.chinese_model, settings.model.backend = str(tiny_model_dir), "transformers"
+    loaded = load_chinese_model(settings)
+    assert isinstance(loaded, TransformersModel) and loaded.adapter_version is None
+    settings.model.languages = "en,zh"  # the main model writes Chinese itself: no second model
+    assert load_chinese_model(settings) is None
+
+
 def _write_items(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
