@@ -35,6 +35,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from chatapp.config import Settings
+from chatapp.files import atomic_write_json, fsync_dir
 from chatapp.storage import DB_ERRORS, StorageError, migrate, open_database
 from chatapp.storage.schema import app_state
 
@@ -78,30 +79,6 @@ class AdapterInfo:
     def loss_curve(self) -> Path | None:
         path = self.path / "loss_curve.png"
         return path if path.is_file() else None
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    """Readers see the old file or the new one, never a torn one, even if this process is killed mid-write."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AdapterRegistry:
@@ -318,7 +295,7 @@ class AdapterRegistry:
                     with open(path, "rb") as f:
                         os.fsync(f.fileno())
             os.rename(staging, self.root / version)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return self.get(version)
 
     def install_shipped(self, base_hash: str | None, source: Path = SHIPPED_DIR) -> AdapterInfo | None:

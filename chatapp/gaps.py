@@ -31,7 +31,7 @@ import numpy as np
 
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.knowledge_edit import KnowledgeEditError, KnowledgeEditor
-from chatapp.prompts import atomic_write, file_lock
+from chatapp.files import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 from chatapp.config import Settings
 from chatapp.knowledge import DOC_SUFFIXES, Problems, parse_file
-from chatapp.prompts import atomic_write, file_lock
+from chatapp.files import atomic_write, file_lock
 from chatapp.shared_knowledge import ERRORS, KnowledgeSync
 
 ANSWERS_FILE = "gaps-answers.jsonl"

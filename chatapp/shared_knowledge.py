@@ -43,7 +43,7 @@ import sqlalchemy as sa
 
 from chatapp.config import Settings
 from chatapp.knowledge import DOC_SUFFIXES, FAQ_SUFFIXES, Problems, scan_folder
-from chatapp.prompts import atomic_write, file_lock
+from chatapp.files import atomic_write, file_lock
 from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database, safe_url
 from chatapp.storage.schema import knowledge_documents as docs
 

@@ -3,8 +3,7 @@ that turns (question, history, retrieved hits) into chat messages -- for inferen
 
 One module per job: `template` (parsing, validation with positions, the public types), `examples` (banks,
 embedding cache, selectors), `render` (context, history, the langchain-core prompts), `manager` (PromptManager),
-`versions` (saved versions and the active template, in the database), `files` (atomic writes, file locks), `cli`
-(`chatapp prompts ...`).
+`versions` (saved versions and the active template, in the database), `cli` (`chatapp prompts ...`).
 
 Why it is shaped like this:
 - Templates are data, never code (see `template`).
@@ -17,7 +16,6 @@ Why it is shaped like this:
 """
 from chatapp.prompts.cli import add_arguments, main
 from chatapp.prompts.examples import CachedEmbeddings, FixedExampleSelector, parse_bank
-from chatapp.prompts.files import atomic_write, file_lock
 from chatapp.prompts.manager import PromptManager
 from chatapp.prompts.template import (
     BUILTIN_VARIABLES,
@@ -39,5 +37,5 @@ from chatapp.prompts.template import (
 
 __all__ = ["BUILTIN_VARIABLES", "COMPUTED_VARIABLES", "CONTEXT_ITEM_VARIABLES", "GENERATION_LIMITS", "MODES", "NAME_RE",
            "SELECTIONS", "CachedEmbeddings", "FewShot", "FixedExampleSelector", "Problem", "PromptError",
-           "PromptManager", "Rendered", "Template", "VersionConflict", "add_arguments", "atomic_write", "check_name",
-           "file_lock", "main", "parse_bank", "parse_template"]
+           "PromptManager", "Rendered", "Template", "VersionConflict", "add_arguments", "check_name", "main",
+           "parse_bank", "parse_template"]

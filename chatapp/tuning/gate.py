@@ -13,7 +13,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from chatapp.adapters import AdapterInfo, atomic_write_json
+from chatapp.adapters import AdapterInfo
+from chatapp.files import atomic_write_json
 from chatapp.config import Settings, TuningSettings
 from chatapp.seed_data import GOLDEN_FILE, load_jsonl
 from chatapp.tuning.dataset import Example, Hit, _chat_ids

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from chatapp.adapters import AdapterRegistry, atomic_write_json
+from chatapp.adapters import AdapterRegistry
+from chatapp.files import atomic_write_json
 from chatapp.config import Settings
 from chatapp.tuning.dataset import Dataset, build_dataset
 from chatapp.tuning.gate import run_gate

@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Any
 
-from chatapp.adapters import AdapterRegistry, atomic_write_json
+from chatapp.adapters import AdapterRegistry
+from chatapp.files import atomic_write_json
 from chatapp.config import Settings
 from chatapp.tuning.records import TuningError, count_new_feedback
 from chatapp.tuning.run import TuneReport, tune, tune_status, tuning_dir, write_status

@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chatapp.adapters import SHIPPED_DIR, AdapterRegistry, atomic_write_json
+from chatapp.adapters import SHIPPED_DIR, AdapterRegistry
+from chatapp.files import atomic_write_json
 from chatapp.config import Settings
 
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "metadata.json", "gate_report.json",

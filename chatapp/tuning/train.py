@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from chatapp.adapters import AdapterInfo, atomic_write_json
+from chatapp.adapters import AdapterInfo
+from chatapp.files import atomic_write_json
 from chatapp.config import TuningSettings
 from chatapp.tuning.dataset import Dataset, Example
 from chatapp.tuning.records import TuningError

@@ -1,8 +1,10 @@
-"""Files written safely: atomic replacement and a lock that holds across threads and processes (the gap topics'
-state and the knowledge edit history use them; prompt versions live in the database)."""
+"""Files written safely: atomic replacement (readers see the old file or the new one, never a torn one, even if the
+process is killed mid-write) and a lock that holds across threads and processes. The adapter registry, the gap
+topics' state, the knowledge folder and its edit history use them."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -23,6 +25,25 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(data, indent=2, default=str))
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: some file systems refuse to fsync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextmanager
