@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from chatapp.benchutil import message_text, start_app
+from chatapp.benchutil import message_text, start_app, stop_apps
 from chatapp.config import REPO_ROOT
 from conftest import ask, free_port
 
@@ -55,13 +55,7 @@ def replicas(tiny_model_dir: Path, postgres, tmp_path_factory):
             urls.append(f"http://127.0.0.1:{port}/")
         yield {"urls": urls, "url": url, "db": name, "root": root, "version": version}
     finally:
-        for app in apps:
-            app.terminate()
-        for app in apps:
-            try:
-                app.wait(60)
-            except Exception:
-                app.kill()
+        stop_apps(apps)
         postgres.dropdb(name)
 
 
