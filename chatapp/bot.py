@@ -151,6 +151,14 @@ class Bot:
         user = getattr(request, "username", None)
         return user is not None and user in self.settings.ui.admins
 
+    @functools.cached_property
+    def browser_tokens(self):
+        """The customer pages' signed-token key (chatapp.access.BrowserTokens), one per process for the chat, the widget
+        and the live routes alike; in the database when replicas share one. Raises BrowserKeyError, saying why."""
+        from chatapp.access import BrowserTokens
+
+        return BrowserTokens.open(self.settings)
+
     def role(self, request=None) -> str | None:
         """'admin', 'agent', 'customer' or None for the signed-in user (no staff accounts: the local user is admin)."""
         return self.accounts.role(getattr(request, "username", None))

@@ -154,7 +154,7 @@ def read_auth_file(path: Path) -> list[tuple[str, str, str, str]]:
 
 def serve(settings: Settings) -> int:
     """Load the bot, start the web app, keep it up until Ctrl-C or SIGTERM."""
-    from chatapp.access import Accounts, is_local
+    from chatapp.access import Accounts, BrowserKeyError, is_local
     from chatapp.bot import Bot
     from chatapp.model import ModelError
     from chatapp.ui.server import Server
@@ -173,7 +173,8 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         bot = Bot.create(settings)
-    except ModelError as exc:
+        bot.browser_tokens  # the customer pages cannot work without their key: a database that is down stops here
+    except (ModelError, BrowserKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stopping = threading.Event()
