@@ -1,4 +1,4 @@
-"""Command line: `chatapp serve|ingest|eval|prompts|feedback|tune|adapters`, and the flags `launch.py` takes.
+"""Command line: `chatapp serve|ingest|eval|prompts|feedback|tune|adapters|gaps|db`, and the flags `launch.py` takes.
 
 Each part of the product registers its own subcommands (`add_arguments(subparsers)` in its module, handlers
 `func(settings, args) -> int | None`); this file only builds `Settings` from the flags and dispatches.
@@ -20,7 +20,7 @@ log = logging.getLogger("chatapp")
 
 # Modules that contribute subcommands; one that fails to import costs only its own commands.
 COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback_cli", "chatapp.tuning.cli", "chatapp.adapters",
-                   "chatapp.answer_eval", "chatapp.gaps"]
+                   "chatapp.answer_eval", "chatapp.gaps", "chatapp.db_cli"]
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
