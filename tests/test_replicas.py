@@ -136,3 +136,34 @@ def test_an_agent_on_replica_a_answers_a_customer_on_replica_b(replicas, browser
     finally:
         staff_context.close()
         customer_context.close()
+
+
+def test_a_customer_moved_to_the_other_replica_keeps_their_conversation(replicas, postgres):
+    """The load balancer sends a customer's next message to the other replica (one died, or no affinity): B accepts
+    the token A's page gave the browser (one key, in the database) and answers inside the same conversation."""
+    from chatapp.access import BrowserTokens
+    from chatapp.config import Settings
+
+    url_a, url_b = replicas["urls"]
+    probe = Settings(data_dir=replicas["root"] / "probe", database_url=replicas["url"])
+    tokens = BrowserTokens.open(probe)  # the replicas' key, read as a third process would
+    token = tokens.issue()  # what A's page put in the browser
+    cid = tokens.conversation_id(token)
+    for url, question in ((url_a, "Where is parcel 4711?"), (url_b, "And when will it arrive?")):
+        Client(url, verbose=False).submit(question, "auto", 0.0, 16, token, api_name="/chat").result(timeout=120)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the transcript is written when each answer is final
+        asked = [row[0] for row in postgres.sql(
+            f"SELECT text FROM conversation_messages WHERE conversation_id = '{cid}' AND role = 'customer' "
+            "ORDER BY id", database=replicas["db"])]
+        if len(asked) == 2:
+            break
+        time.sleep(0.2)
+    assert asked == ["Where is parcel 4711?", "And when will it arrive?"]
+    history = postgres.sql("SELECT history FROM turns WHERE user_message = 'And when will it arrive?'",
+                           database=replicas["db"])[0][0]
+    assert "parcel 4711" in history  # B answered with A's part of the conversation in its prompt
+    forged = BrowserTokens(b"\x01" * 32).issue()  # a key no replica has: B starts a new conversation instead
+    Client(url_b, verbose=False).submit("Hello?", "auto", 0.0, 16, forged, api_name="/chat").result(timeout=120)
+    assert postgres.sql(f"SELECT count(*) FROM conversation_messages WHERE conversation_id = "
+                        f"'{tokens.conversation_id(forged)}'", database=replicas["db"]) == [(0,)]
