@@ -56,7 +56,8 @@ def run_copy(settings: Settings, args: argparse.Namespace) -> int:
     for name, n in counts.items():
         print(f"  {name:<{width}}  {n:>10,}")
     print(f"copied {sum(counts.values()):,} rows in {len(counts)} tables")
-    return _copy_browser_key(settings, args.to, timeout) if not args.source else 0
+    from_the_file = not args.source and not settings.database_url  # else the key came with app_state's rows
+    return _copy_browser_key(settings, args.to, timeout) if from_the_file else 0
 
 
 def _copy_browser_key(settings: Settings, to: str, timeout: float) -> int:
