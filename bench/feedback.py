@@ -25,6 +25,7 @@ from pathlib import Path
 from chatapp.benchutil import write_result
 from chatapp.config import REPO_ROOT, FeedbackSettings
 from chatapp.feedback import EXPORT_FORMATS, FeedbackStore, TurnRecord, new_message_id
+from chatapp.storage.tempcluster import temporary_postgres
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 PII = ["email me at jane.doe@example.com", "call +44 20 7946 0958", "card 4111 1111 1111 1111",
@@ -167,15 +168,6 @@ def postgres_runs(url: str, seconds: float, tmp: Path) -> dict:
               f"({run['writes_per_s']:.1f} writes/s); log_turn holds p99 "
               f"{max(r['log_turn_hold_us_p99'] for r in runs)} us")
     return out
-
-
-def temporary_postgres():
-    """A temporary Postgres cluster (tests/pg.py: initdb/pg_ctl as a non-root user, a free port), or None."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from pg import PostgresCluster, postgres_bin
-
-    bindir = postgres_bin()
-    return PostgresCluster(bindir).start() if bindir else None
 
 
 def main() -> None:

@@ -5,6 +5,8 @@
     .venv/bin/python bench/generation.py --adapter var/adapters/v3   # a real tuned adapter instead of a random one
     .venv/bin/python bench/generation.py --only app --adapter var/adapters/v1 --sessions 1 20 \
         --result generation-tuned   # the app serving a tuned adapter, in a JSON of its own
+    .venv/bin/python bench/generation.py --only app --replicas 1 2 --sessions 1 10 --modes reading \
+        --result generation-replicas   # 1 and 2 replicas on one temporary Postgres, the 2 cores split between them
 
 Sections (each runs in its own subprocess, so its peak RSS and thread settings are its own):
 - transformers: cold load (GGUF from the package -> safetensors cache) and warm load (from the cache); time to first
@@ -22,7 +24,8 @@ Sections (each runs in its own subprocess, so its peak RSS and thread settings a
   type the next message) and reading (start in the first 30 s, 20-45 s between messages: a reading and typing pace):
   p50/p95 TTFT, aggregate tokens/s, and each answer's longest pause between two pieces.
 - app: the same through the real app (`launch.py`, its Gradio queue, retrieval and prompt templates) with one
-  `gradio_client.Client` per session.
+  `gradio_client.Client` per session. With `--replicas 1 2`: 1, then 2 app processes on one temporary Postgres 15
+  (each replica's llama.cpp gets cores / replicas threads), sessions spread round-robin, each sticky to a replica.
 Every section uses the SmolLM2 default model; llama-cpp-python is installed into this environment if it is missing.
 """
 from __future__ import annotations
@@ -45,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from chatapp.benchutil import RESULTS_DIR, free_port, message_text, random_lora, start_app, write_result  # noqa: E402
+from chatapp.benchutil import (  # noqa: E402
+    RESULTS_DIR, launch_app, message_text, random_lora, stop_apps, streamed_outputs, write_result)
 from chatapp.config import GenerationSettings, Settings  # noqa: E402
 
 SECTIONS = ("transformers", "speed", "agreement", "concurrency", "app")
@@ -432,83 +436,109 @@ def section_concurrency(args) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def streamed_outputs(job, poll_s: float = 0.01):
-    """A gradio_client job's outputs as they arrive. Why not `for output in job`: its iterator checks for news every
-    millisecond under a lock; twenty of them are twenty threads spinning on the two cores the app answers on."""
-    seen = 0
-    while True:
-        done = job.done()
-        outputs = job.outputs()
-        if len(outputs) > seen:
-            yield from outputs[seen:]
-            seen = len(outputs)
-        elif done:
-            return
-        else:
-            time.sleep(poll_s)
+def app_flags(args, adapter: Path, threads: int) -> list[str]:
+    """launch.py's flags for the app section: the backend, the adapter served, the llama.cpp threads (0: all)."""
+    return ["--backend", args.app_backend, "--adapter", str(adapter), *(["--threads", str(threads)] if threads else [])]
+
+
+def measure_app(args, urls: list[str], tokenizer) -> list[dict]:
+    """Every --sessions count through the running app(s): session k talks to urls[k % len(urls)] (round-robin, each
+    session sticky to its replica, as a load balancer with session affinity does), one gradio_client per session."""
+    from gradio_client import Client
+
+    clients: list = []
+    local = threading.local()  # each session thread keeps one client = one browser session
+    counter_lock = threading.Lock()
+
+    def chat(client, question: str):
+        job = client.submit(question, "auto", 0.3, args.new_tokens, api_name="/chat")
+        text = ""
+        for output in streamed_outputs(job):
+            bubbles = output[0] if output else []
+            if bubbles and bubbles[-1].get("role") == "assistant":
+                text = message_text(bubbles[-1]["content"]).split("\n\n<sub>")[0]  # the answer, not its sources
+                if text not in ("…", ""):
+                    yield 1
+        yield len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def start_chat(question: str):
+        if not hasattr(local, "client"):
+            with counter_lock:
+                local.client = clients.pop()
+        return chat(local.client, question)
+
+    # Warm-up (index, first prompt render) on every replica with a question of its own: a measured prompt must not
+    # be one the serving path has just computed (it would reuse all of it).
+    for url in urls:
+        list(chat(Client(url, verbose=False), "Hello, is anyone there?"))
+    results = []
+    for n in args.sessions:
+        for mode in modes_for(n, args.modes):
+            clients[:] = [Client(urls[k % len(urls)], verbose=False) for k in range(n)]  # fresh sessions, no history
+            results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
+            print({"replicas": len(urls), **results[-1]}, flush=True)
+    return results
 
 
 def section_app(args) -> dict:
-    """Sessions through the real app: launch.py in a subprocess, one gradio_client.Client per session."""
-    from gradio_client import Client
+    """Sessions through the real app: launch.py in a subprocess (with --replicas: N of them on one Postgres)."""
     from transformers import AutoTokenizer
 
     base_dir = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-app-"))
-    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, data_dir / "bench-adapter")
-    # The shared converted model cache, so the app starts warm.
-    (data_dir / "models").symlink_to(Settings().model_cache_dir.resolve(), target_is_directory=True)
-    port = free_port()
-    log_path = data_dir / "app.log"
-    command = [sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--data-dir", str(data_dir),
-               "--backend", args.app_backend, "--adapter", str(adapter)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    config = data_dir / "bench.toml"
-    config.write_text(f'[model]\nfast_weights = "{args.weights}"\n')
-    command += ["--config", str(config)]
-    app = start_app(command, log_path, env, ROOT)
+    root = Path(tempfile.mkdtemp(prefix="bench-app-"))
+    adapter = Path(args.adapter) if args.adapter else make_adapter(base_dir, root / "bench-adapter")
+    toml = f'[model]\nfast_weights = "{args.weights}"\n'
+    if args.replicas:
+        return app_replicas(args, adapter, root, toml, tokenizer)
+    app, url = launch_app(root, app_flags(args, adapter, args.threads), toml)
     try:
-        url = f"http://127.0.0.1:{port}/"
-        clients: list = []
-        local = threading.local()  # each session thread keeps one client = one browser session
-        counter_lock = threading.Lock()
-
-        def start_chat(question: str):
-            if not hasattr(local, "client"):
-                with counter_lock:
-                    local.client = clients.pop()
-            job = local.client.submit(question, "auto", 0.3, args.new_tokens, api_name="/chat")
-            text = ""
-            for output in streamed_outputs(job):
-                bubbles = output[0] if output else []
-                if bubbles and bubbles[-1].get("role") == "assistant":
-                    text = message_text(bubbles[-1]["content"]).split("\n\n<sub>")[0]  # the answer, not its sources
-                    if text not in ("…", ""):
-                        yield 1
-            yield len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        results = []
-        clients.append(Client(url, verbose=False))
-        # Warm-up (index, first prompt render) with a question of its own: a measured prompt must not be one the
-        # serving path has just computed (it would reuse all of it).
-        list(start_chat("Hello, is anyone there?"))
-        for n in args.sessions:
-            for mode in modes_for(n, args.modes):
-                clients[:] = [Client(url, verbose=False) for _ in range(n)]  # fresh sessions, no old history
-                results.append(run_sessions(start_chat, QUESTIONS, n, mode, seed=n))
-                print(results[-1], flush=True)
-        backend_line = next((line for line in log_path.read_text().splitlines() if "serving" in line or "falling back" in line), "")
+        results = measure_app(args, [url], tokenizer)
+        backend_line = next((line for line in (root / "app.log").read_text().splitlines()
+                             if "serving" in line or "falling back" in line), "")
         return {**summarize_concurrency(results), "backend": args.app_backend, "app_log_backend_line": backend_line,
                 "note": "TTFT here includes retrieval, prompt rendering and Gradio's streaming"}
     finally:
-        app.terminate()
-        try:
-            app.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop_apps([app])
+
+
+def app_replicas(args, adapter: Path, root: Path, toml: str, tokenizer) -> dict:
+    """1, 2, ... launch.py processes on one temporary Postgres 15 (a fresh database per replica count), one shared
+    folder, the cores split between them (--threads is per machine: each of N replicas gets cores // N)."""
+    from chatapp.storage.tempcluster import temporary_postgres
+
+    cluster = temporary_postgres()
+    if cluster is None:
+        raise SystemExit("--replicas needs Postgres's server programs (apt-get install postgresql)")
+    cores = args.threads or os.cpu_count() or 1
+    out: dict = {"database": "a temporary Postgres 15 cluster on this machine (tempcluster.py), one database per "
+                             "replica count", "backend": args.app_backend, "runs_by_replicas": {},
+                 "note": "TTFT here includes retrieval, prompt rendering and Gradio's streaming; sessions are spread "
+                         "round-robin over the replicas, each sticky to one"}
+    try:
+        for count in args.replicas:
+            threads = max(1, cores // count)  # the cores are split, never oversubscribed
+            url = cluster.url(cluster.createdb())
+            shared = root / f"r{count}-shared"
+            apps, urls = [], []
+            try:
+                for k in range(count):
+                    flags = [*app_flags(args, adapter, threads), "--database-url", url, "--shared-dir", str(shared)]
+                    app, app_url = launch_app(root / f"r{count}-{k}", flags, toml)
+                    apps.append(app)
+                    urls.append(app_url)
+                load_before = [round(x, 2) for x in os.getloadavg()]  # 1/5/15 min, the replicas' own start included
+                results = measure_app(args, urls, tokenizer)
+            finally:
+                stop_apps(apps)
+            out["runs_by_replicas"][str(count)] = {**summarize_concurrency(results), "replicas": count,
+                                                   "threads_per_replica": threads, "load_avg_before": load_before}
+            for r in results:
+                print(f"{count} replica(s) x {threads} thread(s), {r['sessions']:2d} session(s) {r['mode']}: "
+                      f"first token p50 {r['ttft_p50_s']:.2f} s, p95 {r['ttft_p95_s']:.2f} s", flush=True)
+    finally:
+        cluster.remove()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -528,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=[m for m in MODES if m != "alone"],
                         help="arrival modes for more than one session (default: all)")
     parser.add_argument("--app-backend", default="llamacpp", choices=["llamacpp", "transformers"])
+    parser.add_argument("--replicas", type=int, nargs="+", metavar="N",
+                        help="app section: N launch.py processes on one temporary Postgres 15 for each N (e.g. 1 2), "
+                             "the cores split between them, sessions round-robin (default: one app on SQLite)")
     parser.add_argument("--result", default="generation",
                         help="bench/results/<RESULT>.json to write (and, with --only, to keep other sections from)")
     parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: run one, print JSON

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatapp.benchutil import free_port, message_text, start_app, write_result  # noqa: E402
+from chatapp.benchutil import free_port, message_text, start_app, stop_apps, write_result  # noqa: E402
 from chatapp.config import Settings  # noqa: E402
 
 QUESTIONS = ["How do I return an item?", "Can I pay with a gift card?", "How long does shipping take?",
@@ -301,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         stop.set()
-        app.terminate()
-        try:
-            app.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            app.kill()
+        stop_apps([app])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Who may do what: staff roles from the auth config, the staff login check (slowed down after failures), staff
-sessions that expire, and the signed per-browser token a customer's conversation is bound to.
+sessions that expire, and the signed per-browser token a customer's conversation is bound to (its key in the
+shared database when replicas share one, so a customer moved to another replica keeps their conversation).
 
 No UI code: the web layer hands these to Gradio (`auth=`, the mounted app's token table) and asks `role()`.
 """
@@ -8,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
 from pathlib import Path
 
-from chatapp.config import UISettings
+from chatapp.config import Settings, UISettings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 ROLES = ("customer", "agent", "admin")
@@ -119,16 +121,71 @@ class ExpiringTokens(dict):
         return super().__getitem__(token)
 
 
+class BrowserKeyError(RuntimeError):
+    """The token key cannot be read or stored; the message says where and why."""
+
+
+BROWSER_KEY_STATE = "browser_token_key"  # its row in the database's app_state table
+
+
+def database_browser_key(target: str | Path, busy_timeout_s: float = 5.0, initial: bytes | None = None) -> bytes:
+    """The token key kept in the database's ``app_state``: created by whichever replica asks first (an insert that
+    does nothing if the row exists, then a read of the row), so replicas starting together agree on one key.
+    `initial`: the key to store if there is none yet (a single install's file, so its customers' tokens stay valid)."""
+    import sqlalchemy as sa
+
+    from chatapp.storage import DB_ERRORS, StorageError, describe_error, migrate, open_database
+    from chatapp.storage.schema import app_state
+
+    try:
+        db = open_database(target, busy_timeout_s, pool_size=1)
+    except StorageError as exc:
+        raise BrowserKeyError(f"the customer token key cannot be read: {exc}") from exc
+    try:
+        migrate(db)
+        with db.engine.begin() as conn:
+            fresh = json.dumps({"key": initial.hex() if initial else secrets.token_hex(32)})
+            conn.execute(db.insert(app_state).values(key=BROWSER_KEY_STATE, value=fresh, updated_at=time.time())
+                         .on_conflict_do_nothing(index_elements=[app_state.c.key]))
+            value = conn.execute(sa.select(app_state.c.value).where(app_state.c.key == BROWSER_KEY_STATE)).scalar_one()
+        return bytes.fromhex(json.loads(value)["key"])
+    except (*DB_ERRORS, StorageError) as exc:
+        raise BrowserKeyError("the customer token key cannot be read from the database: "
+                              + describe_error(exc, db.where, busy_timeout_s)) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BrowserKeyError(f"the customer token key in {db.where} (app_state row "
+                              f"{BROWSER_KEY_STATE!r}) is not a hex key: {exc}; delete the row to make a new one "
+                              "(open customer chats then start afresh)") from exc
+    finally:
+        db.dispose()
+
+
 class BrowserTokens:
     """Signed per-browser tokens. The browser keeps `nonce.signature`; the conversation id staff see is a hash of it,
     so neither a guessed token (bad signature) nor a conversation id read off a screen or an export opens a chat."""
 
-    def __init__(self, key_file: Path):
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        if not key_file.exists():
-            key_file.write_text(secrets.token_hex(32))
-            key_file.chmod(0o600)
-        self.key = bytes.fromhex(key_file.read_text().strip())
+    def __init__(self, key: Path | bytes):
+        """`key`: the key itself, or a file holding it in hex (created on first use)."""
+        self.key = key if isinstance(key, bytes) else self._file_key(key)
+
+    @classmethod
+    def open(cls, settings: Settings) -> "BrowserTokens":
+        """The app's tokens: with ``database_url`` (replicas) the key is the database's, so every replica checks the
+        tokens every other one issued; else the data directory's ``browser.key``, as a single install always had."""
+        if settings.database_url:
+            return cls(database_browser_key(settings.database_url, settings.feedback.busy_timeout_s))
+        return cls(settings.data_dir / "browser.key")
+
+    @staticmethod
+    def _file_key(key_file: Path) -> bytes:
+        try:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            if not key_file.exists():
+                key_file.write_text(secrets.token_hex(32))
+                key_file.chmod(0o600)
+            return bytes.fromhex(key_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise BrowserKeyError(f"the customer token key file {key_file} cannot be used: {exc}") from exc
 
     def _sign(self, nonce: str) -> str:
         return hmac.new(self.key, nonce.encode(), hashlib.sha256).hexdigest()[:32]

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,6 @@ def random_lora(base_dir: Path, out: Path, *, seed: int = 0, std: float = 0.05, 
 
 def start_app(command: list[str], log_path: Path, env: dict, cwd: Path, timeout_s: float = 900):
     """launch.py in a subprocess, logging to `log_path`; returns the process once it says it is ready."""
-    import subprocess
-    import time
-
     with open(log_path, "w") as log_file:
         app = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     deadline = time.time() + timeout_s
@@ -106,3 +104,48 @@ def start_app(command: list[str], log_path: Path, env: dict, cwd: Path, timeout_
             raise RuntimeError(f"the app did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(1)
     return app
+
+
+def launch_app(data_dir: Path, flags: list[str], config_toml: str = "") -> tuple[subprocess.Popen, str]:
+    """launch.py on its own `data_dir` and a free port, with the shared converted model cache linked in (it starts
+    warm) and `config_toml` as its settings file: (process, its URL) once it is ready."""
+    import sys
+
+    from chatapp.config import REPO_ROOT, Settings
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(Settings().model_cache_dir.resolve(), target_is_directory=True)
+    config = data_dir / "bench.toml"
+    config.write_text(config_toml)
+    port = free_port()
+    command = [sys.executable, str(REPO_ROOT / "launch.py"), "--port", str(port), "--data-dir", str(data_dir),
+               "--config", str(config), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return start_app(command, data_dir / "app.log", env, REPO_ROOT), f"http://127.0.0.1:{port}/"
+
+
+def stop_apps(apps: list[subprocess.Popen]) -> None:
+    """Stop app processes started by `start_app`: all asked at once (they shut down side by side), killed if stuck."""
+    for app in apps:
+        app.terminate()
+    for app in apps:
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+
+
+def streamed_outputs(job, poll_s: float = 0.01):
+    """A gradio_client job's outputs as they arrive. Why not `for output in job`: its iterator checks for news every
+    millisecond under a lock; twenty of them are twenty threads spinning on the two cores the app answers on."""
+    seen = 0
+    while True:
+        done = job.done()
+        outputs = job.outputs()
+        if len(outputs) > seen:
+            yield from outputs[seen:]
+            seen = len(outputs)
+        elif done:
+            return
+        else:
+            time.sleep(poll_s)

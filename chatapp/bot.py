@@ -14,10 +14,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatapp.config import Settings
 from chatapp.guard import StreamGuard, reference_texts
+
+if TYPE_CHECKING:
+    from chatapp.access import BrowserTokens
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,14 @@ class Bot:
             return True
         user = getattr(request, "username", None)
         return user is not None and user in self.settings.ui.admins
+
+    @functools.cached_property
+    def browser_tokens(self) -> BrowserTokens:
+        """The customer pages' signed-token key (chatapp.access.BrowserTokens), one per process for the chat, the widget
+        and the live routes alike; in the database when replicas share one. Raises BrowserKeyError, saying why."""
+        from chatapp.access import BrowserTokens
+
+        return BrowserTokens.open(self.settings)
 
     def role(self, request=None) -> str | None:
         """'admin', 'agent', 'customer' or None for the signed-in user (no staff accounts: the local user is admin)."""

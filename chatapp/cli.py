@@ -1,4 +1,4 @@
-"""Command line: `chatapp serve|ingest|eval|prompts|feedback|tune|adapters`, and the flags `launch.py` takes.
+"""Command line: `chatapp serve|ingest|eval|prompts|feedback|tune|adapters|gaps|db`, and the flags `launch.py` takes.
 
 Each part of the product registers its own subcommands (`add_arguments(subparsers)` in its module, handlers
 `func(settings, args) -> int | None`); this file only builds `Settings` from the flags and dispatches.
@@ -20,7 +20,7 @@ log = logging.getLogger("chatapp")
 
 # Modules that contribute subcommands; one that fails to import costs only its own commands.
 COMMAND_MODULES = ["chatapp.retrieval", "chatapp.prompts", "chatapp.feedback_cli", "chatapp.tuning.cli", "chatapp.adapters",
-                   "chatapp.answer_eval", "chatapp.gaps"]
+                   "chatapp.answer_eval", "chatapp.gaps", "chatapp.db_cli"]
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +157,7 @@ def read_auth_file(path: Path) -> list[tuple[str, str, str, str]]:
 
 def serve(settings: Settings) -> int:
     """Load the bot, start the web app, keep it up until Ctrl-C or SIGTERM."""
-    from chatapp.access import Accounts, is_local
+    from chatapp.access import Accounts, BrowserKeyError, is_local
     from chatapp.bot import Bot
     from chatapp.model import ModelError
     from chatapp.ui.server import Server
@@ -176,7 +176,8 @@ def serve(settings: Settings) -> int:
         return 2
     try:
         bot = Bot.create(settings)
-    except ModelError as exc:
+        bot.browser_tokens  # the customer pages cannot work without their key: a database that is down stops here
+    except (ModelError, BrowserKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stopping = threading.Event()

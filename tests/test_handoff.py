@@ -241,7 +241,7 @@ def test_live_requests_wake_on_a_reply_and_open_only_the_callers_conversation(se
 
     bot, url, server = served
     server.live.hold_s = 3.0  # a held request answers "unchanged" after this long (20 s in the app)
-    tokens = BrowserTokens(bot.settings.data_dir / "browser.key")
+    tokens = bot.browser_tokens  # the app's own: these are tokens its pages could hold
     token = tokens.issue()  # what a browser holds
     alice = Client(url, auth=("cust", "pw-cust"), verbose=False)
     chat(alice, "Where is parcel 5150?", token=token)

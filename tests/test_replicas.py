@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from chatapp.benchutil import message_text, start_app
+from chatapp.benchutil import message_text, start_app, stop_apps
 from chatapp.config import REPO_ROOT
 from conftest import ask, free_port
 
@@ -60,13 +60,7 @@ def replicas(tiny_model_dir: Path, postgres, tmp_path_factory):
             urls.append(f"http://127.0.0.1:{port}/")
         yield {"urls": urls, "url": url, "db": name, "root": root, "version": version}
     finally:
-        for app in apps:
-            app.terminate()
-        for app in apps:
-            try:
-                app.wait(60)
-            except Exception:
-                app.kill()
+        stop_apps(apps)
         postgres.dropdb(name)
 
 
@@ -172,3 +166,34 @@ def test_an_article_saved_on_replica_a_is_retrieved_by_replica_b(replicas, postg
         time.sleep(2)
     assert "gift-vouchers.md" in sources, sources
     assert (replicas["root"] / "b" / "knowledge" / "gift-vouchers.md").read_text() == article
+
+
+def test_a_customer_moved_to_the_other_replica_keeps_their_conversation(replicas, postgres):
+    """The load balancer sends a customer's next message to the other replica (one died, or no affinity): B accepts
+    the token A's page gave the browser (one key, in the database) and answers inside the same conversation."""
+    from chatapp.access import BrowserTokens
+    from chatapp.config import Settings
+
+    url_a, url_b = replicas["urls"]
+    probe = Settings(data_dir=replicas["root"] / "probe", database_url=replicas["url"])
+    tokens = BrowserTokens.open(probe)  # the replicas' key, read as a third process would
+    token = tokens.issue()  # what A's page put in the browser
+    cid = tokens.conversation_id(token)
+    for url, question in ((url_a, "Where is parcel 4711?"), (url_b, "And when will it arrive?")):
+        Client(url, verbose=False).submit(question, "auto", 0.0, 16, token, api_name="/chat").result(timeout=120)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the transcript is written when each answer is final
+        asked = [row[0] for row in postgres.sql(
+            f"SELECT text FROM conversation_messages WHERE conversation_id = '{cid}' AND role = 'customer' "
+            "ORDER BY id", database=replicas["db"])]
+        if len(asked) == 2:
+            break
+        time.sleep(0.2)
+    assert asked == ["Where is parcel 4711?", "And when will it arrive?"]
+    history = postgres.sql("SELECT history FROM turns WHERE user_message = 'And when will it arrive?'",
+                           database=replicas["db"])[0][0]
+    assert "parcel 4711" in history  # B answered with A's part of the conversation in its prompt
+    forged = BrowserTokens(b"\x01" * 32).issue()  # a key no replica has: B starts a new conversation instead
+    Client(url_b, verbose=False).submit("Hello?", "auto", 0.0, 16, forged, api_name="/chat").result(timeout=120)
+    assert postgres.sql(f"SELECT count(*) FROM conversation_messages WHERE conversation_id = "
+                        f"'{tokens.conversation_id(forged)}'", database=replicas["db"]) == [(0,)]

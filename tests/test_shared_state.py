@@ -260,3 +260,60 @@ def test_replicas_build_the_same_index_from_the_databases_embeddings(tmp_path, d
     assert embed_b.passages == 0
     top = b.search("Do gift cards expire?").hits[0]
     assert top.source == "gift-cards.md"
+
+
+# ---- the customer page's token key ----------------------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_replicas_on_one_database_check_each_others_customer_tokens(tmp_path, pg_url):
+    """A customer moved to another replica keeps their conversation: every replica's key is the database's, created
+    once even when replicas start together."""
+    from chatapp.access import BrowserTokens
+
+    settings = [replica(tmp_path, name, pg_url) for name in "abcdef"]
+    opened: list = [None] * len(settings)
+
+    def start(k: int) -> None:
+        opened[k] = BrowserTokens.open(settings[k])
+
+    threads = [threading.Thread(target=start, args=(k,)) for k in range(len(settings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({tokens.key for tokens in opened}) == 1  # one key, whoever inserted it
+    a, b = opened[0], BrowserTokens.open(replica(tmp_path, "b-restarted", pg_url))
+    token = a.issue()
+    assert b.valid(token) and a.valid(b.issue())
+    assert b.conversation_id(token) == a.conversation_id(token) and b.browser_secret() == a.browser_secret()
+    forged = token[:-1] + ("1" if token[-1] == "0" else "0")
+    assert not b.valid(forged)
+    assert not any((tmp_path / name / "browser.key").exists() for name in "abcdef")
+
+
+def test_without_a_database_url_the_key_stays_the_data_directorys_file(tmp_path):
+    from chatapp.access import BrowserTokens
+
+    settings = Settings(data_dir=tmp_path / "data")
+    tokens = BrowserTokens.open(settings)
+    key_file = tmp_path / "data" / "browser.key"
+    assert tokens.key == bytes.fromhex(key_file.read_text())
+    assert BrowserTokens.open(settings).valid(tokens.issue())  # the same key after a restart
+    assert not (tmp_path / "data" / "feedback.sqlite3").exists()  # nothing went to the database
+
+
+@pytest.mark.postgres
+def test_a_token_key_database_that_cannot_be_used_is_named_in_a_clear_message(tmp_path, postgres, pg_url):
+    from chatapp.access import BrowserKeyError, BrowserTokens
+    from chatapp.benchutil import free_port
+
+    down = replica(tmp_path, "a", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/chatapp")
+    with pytest.raises(BrowserKeyError, match="token key cannot be read from the database.*cannot be reached"):
+        BrowserTokens.open(down)
+    with pytest.raises(BrowserKeyError, match="does not exist on the server"):
+        BrowserTokens.open(replica(tmp_path, "b", postgres.url("no_such_database")))
+    BrowserTokens.open(replica(tmp_path, "c", pg_url))
+    postgres.sql("UPDATE app_state SET value = '{\"key\": \"not hex\"}' WHERE key = 'browser_token_key'",
+                 database=pg_url.rsplit("/", 1)[1])
+    with pytest.raises(BrowserKeyError, match="app_state row 'browser_token_key'.*not a hex key"):
+        BrowserTokens.open(replica(tmp_path, "d", pg_url))

@@ -193,11 +193,11 @@ def describe_error(exc: BaseException, where: str, busy_timeout_s: float, what: 
         return f"{place} was written by a newer version of this program ({text})."
     if "unable to open" in low:
         return f"{place} cannot be opened: does its folder exist and is it writable? ({text})"
+    if "does not exist" in low and "database" in low:  # before "connection failed", which psycopg's text also says
+        return f"{place} does not exist on the server: create it (createdb) or fix the URL ({text})."
     if "connection refused" in low or "could not connect" in low or "connection failed" in low \
             or "server closed the connection" in low or "terminating connection" in low or "timeout expired" in low:
         return f"{place} cannot be reached: is the database server running? ({text})"
-    if "does not exist" in low and "database" in low:
-        return f"{place} does not exist on the server: create it (createdb) or fix the URL ({text})."
     if "password authentication failed" in low:
         return f"{place} refused the login: check the user and password in the database URL."
     if "full" in low or "disk i/o" in low:

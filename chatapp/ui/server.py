@@ -20,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from chatapp.access import BrowserTokens, ExpiringTokens
+from chatapp.access import ExpiringTokens
 from chatapp.bot import Bot
 from chatapp.ui.live import LiveInbox, LiveRoutes, Notifier
 from chatapp.ui.throttle import Throttle, ThrottleMiddleware
@@ -73,7 +73,7 @@ class Server:
         staff_auth = accounts.checker(accounts.staff) if accounts.staff else None
         customer_auth = accounts.checker(set(accounts.passwords)) if accounts.customers else None
         self._mounted: dict[str, FastAPI] = {}
-        self.live = LiveRoutes(bot, BrowserTokens(bot.settings.data_dir / "browser.key"), self.notifier,
+        self.live = LiveRoutes(bot, bot.browser_tokens, self.notifier,
                                self._login, staff_open=not accounts.staff)
         # before the mounts: Starlette matches routes in order, and /staff/... would otherwise be the console's
         for path in ("/live/customer", "/widget/live/customer"):

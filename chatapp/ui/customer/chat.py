@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from chatapp import conversations
-from chatapp.access import BrowserTokens
 from chatapp.bot import Bot, Reply, Session
 from chatapp.inbox import Forbidden, Message
 from chatapp.ui.live import CUSTOMER_JS
@@ -86,7 +85,7 @@ def format_sources(reply: Reply) -> str:
 
 def build(bot: Bot, widget: bool = False) -> None:
     """Lay out the customer chat inside the caller's Blocks (`widget`: the minimal view for an iframe)."""
-    tokens = BrowserTokens(bot.settings.data_dir / "browser.key")
+    tokens = bot.browser_tokens
     browser = gr.BrowserState(None, storage_key="chatapp-conversation", secret=tokens.browser_secret())
     session_state = gr.State(None)
     view_state = gr.State(None)
