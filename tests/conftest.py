@@ -141,3 +141,24 @@ def db_target(request, tmp_path):
     if request.param == "sqlite":
         return tmp_path / "feedback.sqlite3"
     return request.getfixturevalue("pg_url")
+
+
+class CountingEmbedder:
+    """The real embedder, counting the passages this replica embeds (what the shared database should spare it)."""
+
+    def __init__(self, inner):
+        self.inner, self.passages = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_passages(self, texts):
+        self.passages += len(texts)
+        return self.inner.encode_passages(texts)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from chatapp.embeddings import load_embedder
+
+    return load_embedder("minilm")

@@ -14,31 +14,10 @@ import pytest
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.knowledge_edit import KnowledgeEditError, KnowledgeEditor
 from chatapp.retrieval import Retriever
-from conftest import free_port
+from conftest import CountingEmbedder, free_port
 
 GIFT_CARDS = ("# Gift cards\n\nGift cards never expire and can be used for any order, including sale items. "
               "Lost gift cards can be replaced with the receipt.\n")
-
-
-class CountingEmbedder:
-    """The real embedder, counting the passages this replica embeds (what the shared database should spare it)."""
-
-    def __init__(self, inner):
-        self.inner, self.passages = inner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def encode_passages(self, texts):
-        self.passages += len(texts)
-        return self.inner.encode_passages(texts)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from chatapp.embeddings import load_embedder
-
-    return load_embedder("minilm")
 
 
 def replica(tmp_path: Path, name: str, url: str) -> Settings:

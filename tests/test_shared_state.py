@@ -18,6 +18,7 @@ from chatapp.adapters import AdapterRegistry
 from chatapp.config import Settings
 from chatapp.storage import migrate, open_database
 from chatapp.storage.locks import LockHeld, hold
+from conftest import CountingEmbedder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,27 +206,6 @@ def test_an_older_bank_folder_is_imported_once(tmp_path):
     assert [e["id"] for e in prompts.examples("support")] == ["feedback-1"]
     (legacy / "support.jsonl").write_text("")  # the database is the copy now: the file is not read again
     assert [e["id"] for e in PromptManager(settings).examples("support")] == ["feedback-1"]
-
-
-class CountingEmbedder:
-    """The real embedder, counting the passages this replica embeds (what the shared database should spare it)."""
-
-    def __init__(self, inner):
-        self.inner, self.passages = inner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def encode_passages(self, texts):
-        self.passages += len(texts)
-        return self.inner.encode_passages(texts)
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from chatapp.embeddings import load_embedder
-
-    return load_embedder("minilm")
 
 
 def test_replicas_build_the_same_index_from_the_databases_embeddings(tmp_path, db_target, minilm):
