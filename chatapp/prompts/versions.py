@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from chatapp.prompts.template import NAME_RE, PromptError, VersionConflict
-from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database
+from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database, root_cause
 from chatapp.storage.schema import app_state, prompt_versions
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,20 @@ class VersionStore:
 
     def __init__(self, target: Path | str, busy_timeout_s: float = 5.0, legacy_dir: Path | None = None):
         db: Database | None = None
-        try:
-            db = open_database(target, busy_timeout_s, pool_size=2, pooled_reads=True)
-            migrate(db)
-        except (*DB_ERRORS, StorageError) as exc:
-            if db is not None:
-                db.dispose()  # the next try (the next render) opens the file or server afresh
-            raise _failure("cannot be used", exc, db) from exc
+        for attempt in range(3):
+            try:
+                db = open_database(target, busy_timeout_s, pool_size=2, pooled_reads=True)
+                migrate(db)
+                break
+            except (*DB_ERRORS, StorageError) as exc:
+                if db is not None:
+                    db.dispose()  # the next try (the next render) opens the file or server afresh
+                # Replicas (or threads) opening a new SQLite file at once can meet SQLITE_BUSY without the busy
+                # handler's wait (seen once in CI): that clears in moments, so it is tried again before it is reported.
+                if attempt < 2 and "locked" in str(root_cause(exc)).lower():
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                raise _failure("cannot be used", exc, db) from exc
         self.db = db
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
