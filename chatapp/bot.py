@@ -344,6 +344,7 @@ class Bot:
         reply = Reply(text.strip(), **meta)
         if guard is not None:
             verdict = guard.finish(reply.text)
+            verdict.declined = verdict.declined or bool(start) and reply.text == start.strip()  # said nothing more
             reply.guard = verdict.to_dict()
             if not verdict.supported or verdict.declined:
                 reply.text, reply.guard["action"] = self.replacement(evidence, question, declined=verdict.supported)

@@ -177,6 +177,16 @@ def test_a_chinese_answer_starts_in_chinese_on_a_model_that_continues_answers(sh
             assert prompt[-1]["role"] == "user" and reply.text.startswith("Bronze")
 
 
+def test_an_answer_that_stops_at_its_answer_start_is_replaced_by_the_evidence(shop, retriever, tmp_path):
+    bot = make_bot(shop, retriever, "", tmp_path)  # the model ends its turn at once
+    bot.model.continues_answers = True
+    bot.settings = Settings(data_dir=shop.data_dir)
+    bot.settings.retrieval.knowledge_dir = shop.retrieval.knowledge_dir
+    bot.settings.model.languages = "en,zh"
+    _, reply = ask(bot, "Overnight shipping 要多少钱？我是 Bronze 会员。")
+    assert reply.replaced and reply.guard["action"] == "replaced_declined" and "$20" in reply.text
+
+
 def test_chinese_questions_go_to_the_chinese_model_when_the_main_one_is_english_only(shop, retriever, tmp_path):
     bot = make_bot(shop, retriever, "Overnight shipping costs $20 for Bronze members.", tmp_path)
     chinese = ScriptedModel("铜卡会员升级隔夜送达需要 $20。")
