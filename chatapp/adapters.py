@@ -35,7 +35,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from chatapp.config import Settings
-from chatapp.files import atomic_write_json, fsync_dir
+from chatapp.files import atomic_write_json, fsync_dir, sha256_file
 from chatapp.storage import DB_ERRORS, StorageError, migrate, open_database
 from chatapp.storage.schema import app_state
 
@@ -299,9 +299,11 @@ class AdapterRegistry:
         return self.get(version)
 
     def install_shipped(self, base_hash: str | None, source: Path = SHIPPED_DIR) -> AdapterInfo | None:
-        """On a registry that has never held a version, register the adapter shipped in the package and make it
-        active, so a fresh install answers with the fine-tuned model. Never again once anything was registered (a
-        rollback to the base model stays a rollback), and never for other base weights than it was trained on."""
+        """Register the adapter shipped in the package (never for other base weights than it was trained on), once
+        per shipped adapter. A fresh registry makes it active, so a fresh install answers with the fine-tuned model.
+        After an upgrade that ships a newer one, it replaces an active *shipped* adapter (the install was answering
+        with the package's default, so it follows the package); an adapter the team tuned and promoted, or a
+        rollback to the base model, stays active, and the new one waits in the registry to be promoted."""
         if not (source / "adapter_config.json").is_file():
             return None
         metadata = json.loads((source / "metadata.json").read_text(encoding="utf-8"))
@@ -310,15 +312,24 @@ class AdapterRegistry:
             return None
         with self._registry_tx():  # check, add and activate as one step: replicas starting together install it once
             state = self._fresh_state()
-            if state.get("events") or any(self.root.glob("v*")):
-                return None
+            fresh = not state.get("events") and not any(self.root.glob("v*"))
+            shipped = [] if fresh else [i for i in self.list() if i.metadata.get("shipped")]
+            package = sha256_file(source / "adapter_model.safetensors")
+            weights = [i.path / "adapter_model.safetensors" for i in shipped]
+            if any(w.is_file() and sha256_file(w) == package for w in weights):
+                return None  # this one is registered already
             info = self.add(source, {**metadata, "created": metadata.get("created")})
-            state["previous"] = (state.get("previous", []) + [None])[-50:]
-            state["active"] = info.version
-            state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "promote",
-                                    "version": info.version, "from": None, "user": None,
-                                    "reason": "shipped with the package"})
-            self._write_state(state)
+            current = state.get("active")
+            if fresh or current in {i.version for i in shipped}:
+                state["previous"] = (state.get("previous", []) + [current])[-50:]
+                state["active"] = info.version
+                state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "action": "promote",
+                                        "version": info.version, "from": current, "user": None,
+                                        "reason": "shipped with the package" if fresh else
+                                        f"a newer adapter shipped with the package (replaces {current})"})
+                self._write_state(state)
+            log.info("shipped adapter registered as %s%s", info.version,
+                     " and active" if state.get("active") == info.version else "; promote it to use it")
         return info
 
     def cleanup_staging(self) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from chatapp.config import GenerationSettings, ModelSettings, Settings
+from chatapp.files import sha256_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,14 +75,6 @@ def _package_dir(import_name: str) -> Path:
             f"`pip install --no-deps {import_name.replace('_', '-')}` (see README)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def profile_gguf(profile: Profile, cache_dir: Path) -> Path:

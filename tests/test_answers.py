@@ -276,6 +276,31 @@ def test_fresh_install_answers_with_the_shipped_adapter(tmp_path, smollm2_dir):
     assert AdapterRegistry(other).install_shipped("0" * 64) is None  # other base weights: never
 
 
+def test_an_upgrade_that_ships_a_newer_adapter_replaces_the_old_shipped_one_only(tmp_path):
+    """A team answering with the package's adapter gets the newer one the upgrade ships; a team whose own tuned
+    adapter is active keeps it (the new one waits in the registry); each shipped adapter is registered once."""
+    import shutil
+
+    from chatapp.adapters import SHIPPED_DIR, AdapterRegistry
+
+    base = json.loads((SHIPPED_DIR / "metadata.json").read_text())["base_model"]["sha256"]
+    old = tmp_path / "old_shipped"
+    shutil.copytree(SHIPPED_DIR, old)
+    with open(old / "adapter_model.safetensors", "ab") as f:
+        f.write(b"\0")  # other weights: the adapter an older release shipped
+    on_default = AdapterRegistry(Settings(data_dir=tmp_path / "default"))
+    assert on_default.install_shipped(base, source=old).version == "v0001"
+    assert on_default.install_shipped(base).version == "v0002" and on_default.active().version == "v0002"
+    assert "replaces v0001" in on_default.history()[-1]["reason"]
+    assert on_default.install_shipped(base) is None and on_default.install_shipped(base, source=old) is None
+
+    own = AdapterRegistry(Settings(data_dir=tmp_path / "own"))
+    own.install_shipped(base, source=old)
+    tuned = own.add(old, {"note": "tuned by the team"})
+    own.promote(tuned.version, reason="passed the gate")
+    assert own.install_shipped(base).version == "v0003" and own.active().version == tuned.version
+
+
 @pytest.mark.slow
 def test_real_default_model_answers_a_shop_question_with_its_key_fact(tmp_path):
     """The default install (SmolLM2 + the shipped adapter, the real knowledge base) end to end."""

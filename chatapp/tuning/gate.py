@@ -165,7 +165,7 @@ def adapter_identity(path: Path | None) -> str:
     """Model identity for the evaluation cache: the adapter's weights, or "base"."""
     if path is None:
         return "base"
-    from chatapp.model import sha256_file
+    from chatapp.files import sha256_file
 
     return sha256_file(Path(path) / "adapter_model.safetensors")[:16]
 
