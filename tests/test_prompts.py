@@ -105,7 +105,7 @@ def test_render_zero_shot_messages(prompts):
     last = out.messages[-1]["content"]
     assert "- Return policy: Bronze members can return items within 90 days." in last
     assert last.endswith("Customer: Can I return my jeans?")
-    assert out.generation == {"temperature": 0.3, "max_new_tokens": 160}
+    assert out.generation == {"temperature": 0.0, "max_new_tokens": 160}
     empty = prompts.render("support_zero_shot", question="hello", history=[], hits=[])
     assert "(no matching information found)" in empty.messages[-1]["content"]
 
