@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import random
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ from typing import Any, Callable
 
 from chatapp.config import REPO_ROOT, Settings
 from chatapp.guard import reference_texts, unsupported
+from chatapp.lexical import language
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "shop_qa" / "dev.jsonl"
 DSTC11_DIR = REPO_ROOT.parent / "shared" / "data" / "dstc11_track5"
-CJK = re.compile(r"[\u3400-\u9fff]")
 
 
 class EvalDataError(ValueError):
@@ -56,10 +55,6 @@ def load_items(path: Path) -> list[dict]:
     if not items:
         raise EvalDataError(f"{path} holds no questions")
     return items
-
-
-def language(text: str) -> str:
-    return "zh" if CJK.search(text) else "en"
 
 
 def is_correct(answer: str, facts: list[list[str]]) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatapp.config import Settings
 from chatapp.guard import StreamGuard, reference_texts
+from chatapp.lexical import language as text_language
 
 if TYPE_CHECKING:
     from chatapp.access import BrowserTokens
@@ -39,7 +40,6 @@ NO_CHINESE_REPLY = (
 STILL_UNSURE = "If that does not answer your question, press **Talk to a person** and a member of our team will help."
 STILL_UNSURE_ZH = "如果这没有解答您的问题，请点击 **Talk to a person**，我们的同事会来帮您。"
 HANDOFF_REPLY_ZH = "这个问题我不想乱猜。需要为您转接我们的客服人员吗？请点击 **Talk to a person**，会有同事接手这段对话。"
-_CJK = re.compile(r"[\u3400-\u9fff]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -290,7 +290,7 @@ class Bot:
             reply = Reply(ASKED_FOR_HUMAN_REPLY, handoff="asked_for_human")
             yield from self._finish(reply, question, session, message_id, started, notice=notice, user=user)
             return
-        language = "zh" if _CJK.search(question) else "en"
+        language = text_language(question)
         model = self.chinese_model if language == "zh" and self.chinese_model is not None else self.model
         if language not in self.languages:
             reply = Reply(NO_CHINESE_REPLY)  # say plainly what the bot can do, in the customer's language
@@ -362,7 +362,7 @@ class Bot:
         for a decline, the way to a person), else a handoff offer."""
         from chatapp.evidence import extractive_answer
 
-        language = "zh" if _CJK.search(question) else "en"
+        language = text_language(question)
         quote = extractive_answer(evidence, n=self.settings.answer.fallback_units, language=language)
         if quote and declined:
             return f"{quote} {STILL_UNSURE_ZH if language == 'zh' else STILL_UNSURE}", "replaced_declined"
@@ -372,14 +372,10 @@ class Bot:
 
     @functools.cached_property
     def languages(self) -> set[str]:
-        """What the answering model writes: a remote server is trusted to follow the customer's language."""
-        from chatapp.model import PROFILES
+        """What the answering models write: the main one's, plus Chinese when a Chinese model stands beside it."""
+        from chatapp.model import model_languages
 
-        configured = self.settings.model.languages or (
-            PROFILES[self.settings.model.name].languages if self.settings.model.name in PROFILES else "en")
-        if self.settings.model.backend == "openai" and not self.settings.model.languages:
-            configured = "en,zh"
-        return {part.strip() for part in configured.split(",") if part.strip()} | ({"zh"} if self.chinese_model else set())
+        return model_languages(self.settings.model) | ({"zh"} if self.chinese_model else set())
 
     def _render(self, question: str, history: list[dict], hits: list, mode: str, gen, template: str | None = None,
                 model=None):

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from chatapp.bot import _CJK, Reply, Session, clean_message
+from chatapp.bot import Reply, Session, clean_message
+from chatapp.lexical import language as text_language
 from chatapp.inbox import OPEN, Message, within_hours
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def queue_for_person(bot, session: Session, reason: str, log_it: bool = True) ->
     if reason == "user_request" and any(m.meta.get("handoff") == "low_confidence"
                                         for m in bot.inbox.messages(cid)[-2:]):
         reason = "accepted_offer"
-    language = "zh" if any(_CJK.search(m["content"]) for m in session.history if m["role"] == "user") else "en"
+    language = text_language(" ".join(m["content"] for m in session.history if m["role"] == "user"))
     if bot.inbox.get(cid) is None:
         bot.inbox.ensure(cid)
     bot.inbox.request_person(cid, reason, language)

@@ -17,6 +17,14 @@ STOPWORDS = frozenset(
     "which who whom when where why if so as by from about into than then them they their he she his her not no "
     "please hi hello thanks thank just also".split()
 )
+CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def language(text: str) -> str:
+    """"zh" for text with Chinese characters, else "en": what picks the template, model and thresholds."""
+    return "zh" if CJK.search(text or "") else "en"
+
+
 TOKEN = re.compile(r"[a-z0-9]+|[\u3400-\u9fff\uf900-\ufaff]")
 
 

@@ -434,13 +434,20 @@ class OpenAIModel:
             raise ModelError(f"cannot reach the model server at {self.base_url}: {exc}") from exc
 
 
+def model_languages(model: ModelSettings) -> set[str]:
+    """What the configured model writes: `languages`, else its profile's (other models: English); a remote server is
+    trusted to follow the customer's language."""
+    configured = model.languages or (PROFILES[model.name].languages if model.name in PROFILES else "en")
+    if model.backend == "openai" and not model.languages:
+        configured = "en,zh"
+    return {part.strip() for part in configured.split(",") if part.strip()}
+
+
 def load_chinese_model(settings: Settings) -> ChatModel | None:
     """`model.chinese_model` with its base weights only, on the main model's backend; None when none is set or the
     main model writes Chinese itself."""
     name = settings.model.chinese_model
-    main = settings.model.languages or (PROFILES[settings.model.name].languages
-                                        if settings.model.name in PROFILES else "en")
-    if not name or "zh" in main.split(",") or settings.model.backend == "openai":
+    if not name or "zh" in model_languages(settings.model) or settings.model.backend == "openai":
         return None
     chinese = copy.deepcopy(settings)
     chinese.model.name, chinese.model.adapter, chinese.model.languages = name, "none", "en,zh"

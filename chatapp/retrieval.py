@@ -44,7 +44,7 @@ from chatapp.config import Settings
 from chatapp.embeddings import Embedder, load_embedder
 from chatapp.indexing import IndexData, IndexStore, IngestReport, build_faiss, ingest
 from chatapp.knowledge import Problems, scan_folder
-from chatapp.lexical import tokenize
+from chatapp.lexical import language, tokenize
 
 if TYPE_CHECKING:
     from chatapp.shared_knowledge import KnowledgeSync
@@ -63,7 +63,6 @@ CALIBRATED_HANDOFF = {
     "minilm": {"faq": 0.44, "doc": 0.30, "zh_offset": 0.0},
     "e5": {"faq": 0.87, "doc": 0.82, "zh_offset": 0.02},
 }
-_CJK = re.compile(r"[\u3400-\u9fff]")
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -186,7 +185,7 @@ class Retriever:
         cosines to English knowledge run lower), unless the settings fix them."""
         rs = self.settings.retrieval
         calibrated = CALIBRATED_HANDOFF.get(self.embedder.name, CALIBRATED_HANDOFF["minilm"])
-        offset = calibrated["zh_offset"] if _CJK.search(question or "") else 0.0
+        offset = calibrated["zh_offset"] if language(question) == "zh" else 0.0
         return {"faq": calibrated["faq"] - offset if rs.handoff_below is None else float(rs.handoff_below),
                 "doc": calibrated["doc"] - offset if rs.handoff_below_doc is None else float(rs.handoff_below_doc)}
 

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def gate_questions(settings: Settings) -> list[dict]:
     """The question file's items in languages the model answers in (a Chinese question on an English-only model
     gets a fixed reply, whatever the adapter); none when the file is missing (the check is then skipped)."""
-    from chatapp.answer_eval import DEFAULT_DATA, EvalDataError, language, load_items
+    from chatapp.answer_eval import DEFAULT_DATA, EvalDataError, load_items
+    from chatapp.lexical import language
     from chatapp.model import PROFILES
 
     path = Path(settings.tuning.gate_questions) if settings.tuning.gate_questions else DEFAULT_DATA
