@@ -227,13 +227,23 @@ def reference_texts(evidence: Iterable, hits: Iterable, conversation: Iterable[d
     return texts + [str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in conversation]
 
 
+class References:
+    """The reference texts read once: their claims and their clauses, for every check of one answer."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts = list(texts)
+        self.claims = [c for text in self.texts for c in claims(text)]
+        self.clauses = polarity_clauses(self.texts)
+
+    def unsupported(self, text: str) -> tuple[list[Claim], list[Claim]]:
+        """(all claims of `text`, those found in no reference)."""
+        mine = claims(text)
+        return mine, [c for c in mine if not any(_matches(c, k) for k in self.claims)] + flipped(text, self.clauses)
+
+
 def unsupported(answer: str, references: Iterable[str]) -> tuple[list[Claim], list[Claim]]:
     """(all claims of the answer, those found in no reference text)."""
-    references = list(references)
-    known = [c for text in references for c in claims(text)]
-    mine = claims(answer)
-    return mine, [c for c in mine if not any(_matches(c, k) for k in known)] + flipped(answer,
-                                                                                      polarity_clauses(references))
+    return References(references).unsupported(answer)
 
 
 def _sentence_declines(sentence: str, complete: bool = True) -> bool | None:
@@ -256,8 +266,9 @@ def declines(answer: str) -> bool:
     return False
 
 
-def check(answer: str, references: Iterable[str]) -> Verdict:
-    mine, missing = unsupported(answer, list(references))
+def check(answer: str, references: Iterable[str] | References) -> Verdict:
+    refs = references if isinstance(references, References) else References(references)
+    mine, missing = refs.unsupported(answer)
     return Verdict(claims=[c.text for c in mine], unsupported=[c.text for c in missing])
 
 
@@ -266,9 +277,7 @@ class StreamGuard:
     unsupported claim (the caller then stops generating and shows a replacement)."""
 
     def __init__(self, references: Iterable[str], hold_declines: bool = False):
-        self.references = list(references)
-        self._known = [c for text in self.references for c in claims(text)]
-        self._clauses = polarity_clauses(self.references)
+        self.references = References(references)
         self.failed: list[str] = []
         self.declined = False  # with hold_declines: a decline came before any substantive sentence
         self.hold_declines = hold_declines
@@ -276,8 +285,7 @@ class StreamGuard:
         self._checked = 0  # characters of complete, checked sentences
 
     def _check(self, sentence: str) -> None:
-        self.failed += [c.text for c in claims(sentence) if not any(_matches(c, k) for k in self._known)]
-        self.failed += [c.text for c in flipped(sentence, self._clauses)]
+        self.failed += [c.text for c in self.references.unsupported(sentence)[1]]
         if not self._answering:
             self._judge(sentence)
 
