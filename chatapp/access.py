@@ -132,10 +132,8 @@ def database_browser_key(target: str | Path, busy_timeout_s: float = 5.0, initia
     """The token key kept in the database's ``app_state``: created by whichever replica asks first (an insert that
     does nothing if the row exists, then a read of the row), so replicas starting together agree on one key.
     `initial`: the key to store if there is none yet (a single install's file, so its customers' tokens stay valid)."""
-    import sqlalchemy as sa
-
     from chatapp.storage import DB_ERRORS, StorageError, describe_error, migrate, open_database
-    from chatapp.storage.schema import app_state
+    from chatapp.storage.state import get_state, put_state
 
     try:
         db = open_database(target, busy_timeout_s, pool_size=1)
@@ -145,9 +143,8 @@ def database_browser_key(target: str | Path, busy_timeout_s: float = 5.0, initia
         migrate(db)
         with db.engine.begin() as conn:
             fresh = json.dumps({"key": initial.hex() if initial else secrets.token_hex(32)})
-            conn.execute(db.insert(app_state).values(key=BROWSER_KEY_STATE, value=fresh, updated_at=time.time())
-                         .on_conflict_do_nothing(index_elements=[app_state.c.key]))
-            value = conn.execute(sa.select(app_state.c.value).where(app_state.c.key == BROWSER_KEY_STATE)).scalar_one()
+            put_state(db, conn, BROWSER_KEY_STATE, fresh, replace=False)
+            value = get_state(conn, BROWSER_KEY_STATE)
         return bytes.fromhex(json.loads(value)["key"])
     except (*DB_ERRORS, StorageError) as exc:
         raise BrowserKeyError("the customer token key cannot be read from the database: "

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from chatapp.config import Settings
 from chatapp.files import atomic_write_json, fsync_dir, sha256_file
 from chatapp.storage import DB_ERRORS, StorageError, migrate, open_database
-from chatapp.storage.schema import app_state
+from chatapp.storage.state import get_state, put_state
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,11 @@ class AdapterRegistry:
         """The registry state from the database; inside promote/rollback, read in (and locked by) their transaction.
         If the database cannot be read, the last state read is kept (answers go on with the adapter they had)."""
         conn = getattr(self._tx, "conn", None)
-        query = sa.select(app_state.c.value).where(app_state.c.key == STATE_KEY)
         if conn is not None:
-            return _parse_state(conn.execute(query).scalar())
+            return _parse_state(get_state(conn, STATE_KEY))
         try:
             with (self._db.reader if self._db.is_sqlite else self._db.engine).connect() as c:
-                raw = c.execute(query).scalar()
+                raw = get_state(c, STATE_KEY)
         except DB_ERRORS as exc:
             if self._db_reported != str(exc):
                 log.error("adapter registry unreadable (%s): keeping the last known active adapter", exc)
@@ -208,10 +207,7 @@ class AdapterRegistry:
     def _write_state(self, state: dict) -> None:
         state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state["events"] = state.get("events", [])[-200:]
-        stmt = self._db.insert(app_state).values(key=STATE_KEY, value=json.dumps(state, default=str),
-                                                 updated_at=time.time())
-        self._tx.conn.execute(stmt.on_conflict_do_update(index_elements=[app_state.c.key], set_={
-            "value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at}))
+        put_state(self._db, self._tx.conn, STATE_KEY, json.dumps(state, default=str))
 
     def _fresh_state(self) -> dict:
         return json.loads(json.dumps(self._state()))  # read inside the transaction: never a stale cache
@@ -221,7 +217,7 @@ class AdapterRegistry:
         if not self.registry_path.is_file():
             return
         with self._registry_tx():
-            if self._tx.conn.execute(sa.select(app_state.c.key).where(app_state.c.key == STATE_KEY)).first():
+            if get_state(self._tx.conn, STATE_KEY) is not None:
                 return
             try:
                 state = json.loads(self.registry_path.read_text(encoding="utf-8"))

@@ -29,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from chatapp.prompts.template import NAME_RE, PromptError, VersionConflict
 from chatapp.storage import DB_ERRORS, Database, StorageError, describe_error, migrate, open_database, root_cause
 from chatapp.storage.schema import app_state, prompt_versions
+from chatapp.storage.state import put_state
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,7 @@ class VersionStore:
             raise _failure(f"not changed (activating {name!r})", exc, self.db) from exc
 
     def _put(self, conn: sa.Connection, key: str, value: str, replace: bool = True) -> None:
-        stmt = self.db.insert(app_state).values(key=key, value=value, updated_at=time.time())
-        if replace:
-            stmt = stmt.on_conflict_do_update(index_elements=[app_state.c.key], set_={
-                "value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at})
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=[app_state.c.key])
-        conn.execute(stmt)
+        put_state(self.db, conn, key, value, replace)
 
     def _touch(self, conn: sa.Connection) -> None:
         """A new revision token, in the saving transaction: whoever sees it also sees the save."""
